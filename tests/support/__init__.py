@@ -1,0 +1,1 @@
+"""Test helpers for the smtp-relay integration tests: an upstream sink, the relay process, SMTP clients."""
