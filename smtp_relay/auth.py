@@ -1,0 +1,41 @@
+"""Client authentication: the authenticator aiosmtpd calls for AUTH PLAIN and LOGIN."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from smtp_relay import logs
+
+
+class Authenticator:
+    """Checks one configured username/password pair in constant time; logs every outcome, never the password."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._username = username.encode("utf-8")
+        self._password = password.encode("utf-8")
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login: bytes = auth_data.login
+        # Compare both, always: which of the two was wrong must not show in the timing.
+        user_ok = hmac.compare_digest(login, self._username)
+        password_ok = hmac.compare_digest(auth_data.password, self._password)
+        user = login.decode("utf-8", errors="replace")
+        fields = {
+            "session": getattr(session, "id", None),
+            "peer": logs.peer_text(getattr(session, "peer", None)),
+            "user": user,
+        }
+        if user_ok and password_ok:
+            logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
+            return AuthResult(success=True, auth_data=user)
+        logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields)
+        on_failure = getattr(server, "on_auth_failure", None)
+        if on_failure is not None:
+            on_failure()
+        return AuthResult(success=False, handled=False)

@@ -1,0 +1,196 @@
+"""Configuration: read once from the environment at start-up, validated, immutable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from smtp_relay.policy import DomainAllowlist, PolicyError, RelayPolicy
+
+DEFAULT_PASSWORD = "password"
+_MASK = "********"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+DomainList = Annotated[tuple[str, ...], NoDecode]
+
+
+class ConfigError(Exception):
+    """An invalid setting; its message is one line naming the variable and what is wrong."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class Settings(BaseSettings):
+    """Every setting of the relay; field names are the environment variables in lower case."""
+
+    model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="ignore", env_file=None)
+
+    smtp_auth_username: str = Field("user", min_length=1)
+    smtp_auth_password: SecretStr = SecretStr(DEFAULT_PASSWORD)
+    smtp_auth_password_file: Path | None = None
+    allowed_from_domains: DomainList = ("example.com",)
+    allowed_to_domains: DomainList = ("example.com",)
+    listen_host: str = "0.0.0.0"
+    listen_port: Port = 1025
+    use_tls: bool = False
+    tls_cert_file: Path = Path("/etc/certs/server.crt")
+    tls_key_file: Path = Path("/etc/certs/server.key")
+    relay_host: str = Field("smtp.example.com", min_length=1)
+    relay_port: Port = 25
+    relay_use_tls: bool = True
+    relay_use_ssl: bool = False
+    relay_username: str = ""
+    relay_password: SecretStr = SecretStr("")
+    relay_password_file: Path | None = None
+    relay_tls_verify: bool = True
+    relay_tls_ca_file: Path | None = None
+    max_connections: int = Field(50, ge=1, le=100_000)
+    timeout: float = Field(60.0, gt=0, le=3600)
+    log_file: str = "/var/log/smtp-relay.log"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    max_message_size: int = Field(26_214_400, ge=1024, le=2**31)
+    auth_max_failures: int = Field(5, ge=1, le=10_000)
+    auth_lockout_seconds: float = Field(300.0, ge=0, le=86_400)
+
+    @field_validator("allowed_from_domains", "allowed_to_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        DomainAllowlist.parse(value)  # raises PolicyError (a ValueError) with the reason
+        return value
+
+    @field_validator("smtp_auth_password_file", "relay_password_file", "relay_tls_ca_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if value.strip().upper() in _LEVELS else value.strip().lower()
+
+    @field_validator("listen_host", "relay_host", "smtp_auth_username", "relay_username", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def policy(self) -> RelayPolicy:
+        return RelayPolicy(
+            DomainAllowlist.parse(self.allowed_from_domains), DomainAllowlist.parse(self.allowed_to_domains)
+        )
+
+    @property
+    def relay_tls_mode(self) -> Literal["implicit", "starttls", "none"]:
+        if self.relay_use_ssl:
+            return "implicit"
+        return "starttls" if self.relay_use_tls else "none"
+
+    def warnings(self) -> list[str]:
+        """Settings that work but an operator should know are weak; logged at start-up."""
+        found = []
+        if self.smtp_auth_password.get_secret_value() == DEFAULT_PASSWORD:
+            found.append("SMTP_AUTH_PASSWORD is the default 'password': change it before production use")
+        for name in ("allowed_from_domains", "allowed_to_domains"):
+            if "*" in getattr(self, name):
+                found.append(f"{name.upper()} contains '*': any domain is allowed")
+        if not self.use_tls:
+            found.append("USE_TLS is off: client credentials and mail cross the network in plain text")
+        if self.relay_tls_mode == "none":
+            found.append("RELAY_USE_TLS and RELAY_USE_SSL are off: mail goes to the upstream in plain text")
+        elif not self.relay_tls_verify:
+            found.append("RELAY_TLS_VERIFY is off: the upstream's certificate and host name are not checked")
+        return found
+
+    def masked(self) -> dict[str, str]:
+        """Effective settings by variable name, secrets masked, for --check-config."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = _MASK if value.get_secret_value() else ""
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            elif value is None:
+                text = ""
+            else:
+                text = str(value)
+            shown[name.upper()] = text
+        return shown
+
+
+_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+def variable_names() -> tuple[str, ...]:
+    """Every environment variable the relay reads."""
+    return tuple(name.upper() for name in Settings.model_fields)
+
+
+def load_settings() -> Settings:
+    """Read and check the environment; raise ConfigError naming the first bad variable."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        variable = str(error["loc"][0]).upper() if error["loc"] else "configuration"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        given = os.environ.get(variable, os.environ.get(variable.lower()))
+        if given is not None and "secret" not in error["type"] and "PASSWORD" not in variable:
+            message += f" (got {given!r})"
+        raise ConfigError(variable, message) from None
+    except PolicyError as exc:  # pragma: no cover - pydantic wraps ValueErrors; kept for safety
+        raise ConfigError("ALLOWED_*_DOMAINS", str(exc)) from None
+    return _checked(_with_secret_files(settings))
+
+
+def _with_secret_files(settings: Settings) -> Settings:
+    updates: dict[str, SecretStr] = {}
+    for field, file_field in (
+        ("smtp_auth_password", "smtp_auth_password_file"),
+        ("relay_password", "relay_password_file"),
+    ):
+        path: Path | None = getattr(settings, file_field)
+        if path is None:
+            continue
+        if field in settings.model_fields_set:
+            raise ConfigError(file_field.upper(), f"set together with {field.upper()}; set only one of them")
+        try:
+            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(file_field.upper(), f"cannot read {str(path)!r}: {_reason(exc)}") from None
+        if not secret:
+            raise ConfigError(file_field.upper(), f"{str(path)!r} is empty")
+        updates[field] = SecretStr(secret)
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _checked(settings: Settings) -> Settings:
+    if not settings.smtp_auth_password.get_secret_value():
+        raise ConfigError("SMTP_AUTH_PASSWORD", "must not be empty")
+    if settings.use_tls:
+        for name in ("tls_cert_file", "tls_key_file"):
+            path: Path = getattr(settings, name)
+            if not path.is_file() or not os.access(path, os.R_OK):
+                raise ConfigError(name.upper(), f"USE_TLS is on but {str(path)!r} is not a readable file")
+    if settings.relay_tls_ca_file is not None and not settings.relay_tls_ca_file.is_file():
+        raise ConfigError("RELAY_TLS_CA_FILE", f"{str(settings.relay_tls_ca_file)!r} is not a readable file")
+    if settings.relay_username and not settings.relay_password.get_secret_value():
+        raise ConfigError("RELAY_PASSWORD", "must be set when RELAY_USERNAME is set")
+    if settings.relay_password.get_secret_value() and not settings.relay_username:
+        raise ConfigError("RELAY_USERNAME", "must be set when RELAY_PASSWORD is set")
+    return settings
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__

@@ -1,0 +1,184 @@
+"""The aiosmtpd hooks: joins policy and upstream for each transaction; orchestration only."""
+
+from __future__ import annotations
+
+import logging
+import re
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.smtp import TLSSetupException
+
+from smtp_relay import logs, replies
+from smtp_relay.policy import Decision, RelayPolicy, Verdict
+from smtp_relay.protocol import RelayEnvelope, RelaySession, RelaySMTP
+from smtp_relay.upstream import Upstream
+
+# RFC 5321 asks servers to take at least 100; 1000 covers every real list while bounding one envelope.
+MAX_RECIPIENTS = 1000
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+
+_SENDER_REPLIES = {
+    Decision.NULL_SENDER: replies.NULL_SENDER_DENIED,
+    Decision.MALFORMED: replies.ADDRESS_INVALID,
+    Decision.ROUTING: replies.ADDRESS_ROUTING_DENIED,
+    Decision.DOMAIN_NOT_ALLOWED: replies.SENDER_DOMAIN_DENIED,
+}
+_RECIPIENT_REPLIES = {
+    Decision.NULL_SENDER: replies.RECIPIENT_ADDRESS_INVALID,
+    Decision.MALFORMED: replies.RECIPIENT_ADDRESS_INVALID,
+    Decision.ROUTING: replies.ADDRESS_ROUTING_DENIED,
+    Decision.DOMAIN_NOT_ALLOWED: replies.RECIPIENT_DOMAIN_DENIED,
+}
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+class RelayHandler:
+    """Decides each MAIL and RCPT by policy and hands accepted messages to the upstream."""
+
+    def __init__(self, policy: RelayPolicy, upstream: Upstream, hostname: str) -> None:
+        self.policy = policy
+        self.upstream = upstream
+        self.hostname = hostname
+
+    async def handle_EHLO(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: RelayEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        lines = [line for line in responses[:-1]]  # the last one is aiosmtpd's "250 HELP"
+        lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
+
+    async def handle_MAIL(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: RelayEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        verdict = self.policy.check_sender(address)
+        if not verdict.allowed:
+            self._log_refusal("mail.refused", session, address, verdict)
+            return _SENDER_REPLIES[verdict.decision]
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        logs.event(logging.INFO, "mail.accepted", **_ids(session), sender=address)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: RelayEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) + len(envelope.refused_recipients) >= MAX_RECIPIENTS:
+            logs.event(
+                logging.WARNING,
+                "rcpt.refused",
+                **_ids(session),
+                recipient=address,
+                reason="too many recipients",
+            )
+            return TOO_MANY_RECIPIENTS
+        verdict = self.policy.check_recipient(address)
+        if not verdict.allowed:
+            envelope.refused_recipients.append(address)
+            self._log_refusal("rcpt.refused", session, address, verdict)
+            return _RECIPIENT_REPLIES[verdict.decision]
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        logs.event(logging.INFO, "rcpt.accepted", **_ids(session), recipient=address)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: RelaySMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
+        session.messages += 1
+        ids = _ids(session, message=session.messages)
+        if envelope.refused_recipients:
+            logs.event(
+                logging.WARNING,
+                "message.refused",
+                **ids,
+                sender=envelope.mail_from,
+                refused=",".join(envelope.refused_recipients),
+                reason="a recipient was refused",
+            )
+            return replies.MESSAGE_HAD_REFUSED_RECIPIENTS
+        assert envelope.mail_from is not None and envelope.original_content is not None
+        content = self._received_header(server, session) + envelope.original_content
+        eight_bit = "BODY=8BITMIME" in envelope.mail_options
+        server.pause_idle_timeout()
+        try:
+            outcome = await self.upstream.deliver(envelope.mail_from, envelope.rcpt_tos, content, eight_bit)
+        except Exception:
+            logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
+            return replies.INTERNAL_ERROR
+        finally:
+            server.resume_idle_timeout()
+        fields = dict(
+            ids,
+            sender=envelope.mail_from,
+            recipients=len(envelope.rcpt_tos),
+            size=len(content),
+            stage=outcome.stage.value,
+            upstream_code=outcome.upstream_code,
+            upstream_reply=outcome.upstream_text or None,
+            reply=outcome.reply,
+            duration=f"{outcome.duration:.3f}",
+        )
+        if outcome.delivered:
+            logs.event(logging.INFO, "forward.delivered", **fields)
+        else:
+            logs.event(
+                logging.ERROR if outcome.transient else logging.WARNING,
+                "forward.failed",
+                **fields,
+                reason=outcome.problem,
+            )
+        return outcome.reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            logs.event(logging.WARNING, "starttls.failed", reason=f"{type(cause).__name__}: {cause}")
+        else:
+            logs.log.exception("internal.error", extra={"fields": {"reason": f"{type(error).__name__}"}})
+        return replies.INTERNAL_ERROR
+
+    def _log_refusal(self, name: str, session: RelaySession, address: str, verdict: Verdict) -> None:
+        logs.event(
+            logging.WARNING,
+            name,
+            **_ids(session),
+            address=address,
+            domain=verdict.domain or None,
+            reason=verdict.decision.value,
+        )
+
+    def _received_header(self, server: RelaySMTP, session: RelaySession) -> bytes:
+        """RFC 5321 4.4 trace header; the client's HELO name is reduced to safe characters."""
+        helo = _HELO_UNSAFE.sub("_", session.host_name or "unknown")[:255]
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            protocol += "S"
+        if session.authenticated:
+            protocol += "A"
+        header = (
+            f"Received: from {helo} ([{peer}])\r\n"
+            f"\tby {self.hostname} (smtp-relay) with {protocol} id {session.id}.{session.messages};\r\n"
+            f"\t{formatdate(localtime=False)}\r\n"
+        )
+        return header.encode("ascii", errors="replace")
+
+
+def _ids(session: RelaySession, **extra: Any) -> dict[str, Any]:
+    return {"session": session.id, "peer": session.peer_text, "user": session.user, **extra}

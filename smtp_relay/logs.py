@@ -1,0 +1,124 @@
+"""Logging: one event per line, key=value text or JSON, to stdout and LOG_FILE; client text sanitised."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from smtp_relay.config import ConfigError, Settings
+
+log = logging.getLogger("smtp_relay")
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(value: object) -> str:
+    """Render a value so it can never break out of its field or start a new log line."""
+    text = value if isinstance(value, str) else str(value)
+    if text and all(33 <= ord(ch) < 127 and ch not in '"\\=' for ch in text):
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # undecodable byte kept by surrogateescape
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def peer_text(peer: object) -> str:
+    """`host:port` (IPv6 in brackets) for a socket peer address."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def event(level: int, name: str, /, **fields: object) -> None:
+    """Log one event; the fields are formatted only if the level is enabled."""
+    if log.isEnabledFor(level):
+        log.log(level, name, extra={"fields": fields})
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{base}.{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """`time level=... event=... key=value ...` with every value escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = getattr(record, "fields", None) or {"msg": record.getMessage()}
+        name = record.msg if hasattr(record, "fields") else f"{record.name}"
+        parts = [_timestamp(record), f"level={record.levelname}", f"event={escape(name)}"]
+        parts.extend(f"{key}={escape(value)}" for key, value in fields.items() if value is not None)
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; json.dumps escapes control characters itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = getattr(record, "fields", None) or {"msg": record.getMessage()}
+        name = record.msg if hasattr(record, "fields") else record.name
+        doc: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "event": name}
+        for key, value in fields.items():
+            if value is not None:
+                doc[key] = value if isinstance(value, int | float | bool) else str(value)
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=True)
+
+
+# aiosmtpd says these on every connection or login for settings we chose on purpose (AUTH without
+# STARTTLS when USE_TLS is off; its own deprecated login_data setter): noise, not news.
+_LIBRARY_NOISE = frozenset(
+    {
+        "auth_required == True but auth_require_tls == False",
+        "Session.login_data is deprecated and will be removed in version 2.0",
+    }
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return record.msg not in _LIBRARY_NOISE
+
+
+def setup(settings: Settings) -> None:
+    """Send our events to stdout and LOG_FILE; keep libraries that log protocol lines quiet."""
+    formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if settings.log_file:
+        path = Path(settings.log_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {reason}") from None
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    # aiosmtpd logs every command line at INFO, AUTH payloads included: never let it below WARNING.
+    library = logging.getLogger("mail.log")
+    library.setLevel(logging.WARNING)
+    library.addFilter(_not_noise)
+    warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS", category=UserWarning)
+    logging.getLogger("aiosmtplib").setLevel(logging.WARNING)

@@ -1,0 +1,190 @@
+"""Pure relay policy: which envelope senders and recipients may pass. No I/O, no SMTP replies."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+WILDCARD = "*"
+
+
+class PolicyError(ValueError):
+    """A domain pattern in an allowlist is not a valid domain or wildcard."""
+
+
+class Decision(enum.Enum):
+    """Why an address was accepted or refused; the handler maps each to a reply."""
+
+    ALLOWED = "allowed"
+    NULL_SENDER = "null_sender"
+    MALFORMED = "malformed"
+    ROUTING = "routing"
+    DOMAIN_NOT_ALLOWED = "domain_not_allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    decision: Decision
+    domain: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision is Decision.ALLOWED
+
+
+def normalize_domain(domain: str) -> str | None:
+    """Canonical ASCII form of a domain (lower case, A-labels, no trailing dot); None if not a domain.
+
+    Both U-labels (bücher.example) and A-labels (xn--bcher-kva.example) map to the same form, so
+    either spelling in a list matches either spelling in an address.
+    """
+    domain = domain.strip()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    if not domain or len(domain) > 253:
+        return None
+    labels = []
+    for label in domain.split("."):
+        if not label:
+            return None
+        if label.isascii():
+            ascii_label = label.lower()
+        else:
+            try:
+                ascii_label = label.encode("idna").decode("ascii").lower()
+            except UnicodeError:
+                return None
+        if len(ascii_label) > 63 or not _is_ldh(ascii_label):
+            return None
+        if ascii_label.startswith("xn--"):
+            try:
+                ascii_label.encode("ascii").decode("idna")
+            except UnicodeError:
+                return None
+        labels.append(ascii_label)
+    return ".".join(labels)
+
+
+def _is_ldh(label: str) -> bool:
+    """Letters, digits, hyphen; not starting or ending with a hyphen (underscore allowed for SRV-ish names)."""
+    if label[0] == "-" or label[-1] == "-":
+        return False
+    return all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in label)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainAllowlist:
+    """A parsed allowlist: exact domains, parent domains of `*.` patterns, or everything (`*`)."""
+
+    exact: frozenset[str]
+    parents: frozenset[str]
+    allow_all: bool
+
+    @classmethod
+    def parse(cls, patterns: Iterable[str]) -> DomainAllowlist:
+        exact: set[str] = set()
+        parents: set[str] = set()
+        allow_all = False
+        for raw in patterns:
+            pattern = raw.strip()
+            if not pattern:
+                continue
+            if pattern == WILDCARD:
+                allow_all = True
+            elif pattern.startswith("*."):
+                parent = normalize_domain(pattern[2:])
+                if parent is None:
+                    raise PolicyError(f"invalid domain pattern {raw.strip()!r}")
+                parents.add(parent)
+            else:
+                domain = normalize_domain(pattern)
+                if domain is None or "*" in pattern:
+                    raise PolicyError(f"invalid domain pattern {raw.strip()!r}")
+                exact.add(domain)
+        if not (exact or parents or allow_all):
+            raise PolicyError("the list is empty")
+        return cls(frozenset(exact), frozenset(parents), allow_all)
+
+    def matches(self, domain: str) -> bool:
+        """True if the (already normalized) domain is allowed; `*.x` matches subdomains of x only."""
+        if self.allow_all or domain in self.exact:
+            return True
+        if not self.parents:
+            return False
+        rest = domain
+        while True:
+            _, dot, rest = rest.partition(".")
+            if not dot:
+                return False
+            if rest in self.parents:
+                return True
+
+    def describe(self) -> str:
+        """Human-readable form for --check-config and start-up logs."""
+        items = sorted(self.exact) + sorted(f"*.{p}" for p in self.parents)
+        if self.allow_all:
+            items.insert(0, WILDCARD)
+        return ",".join(items)
+
+
+_FORBIDDEN_LOCAL = frozenset("%!")
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """Split local@domain at the last @; None if there is no domain or the address has control characters."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in address):
+        return None
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    return local, domain
+
+
+def check_address(address: str, allowlist: DomainAllowlist) -> Verdict:
+    """Decide one envelope address against an allowlist.
+
+    Refuses relay tricks before looking at the domain: `%` and `!` routing in the local part,
+    source routes, quoted local parts that hide another address, and domain literals.
+    """
+    if not address:
+        return Verdict(Decision.NULL_SENDER, "")
+    if address.startswith("@") or address.startswith("<"):
+        return Verdict(Decision.ROUTING, "")
+    parts = split_address(address)
+    if parts is None:
+        return Verdict(Decision.MALFORMED, "")
+    local, raw_domain = parts
+    if _FORBIDDEN_LOCAL.intersection(local):
+        return Verdict(Decision.ROUTING, raw_domain)
+    if local.startswith('"'):
+        inner = local[1:-1] if local.endswith('"') and len(local) >= 2 else None
+        if inner is None or "@" in inner or "\\" in inner:
+            return Verdict(Decision.ROUTING, raw_domain)
+    elif "@" in local or '"' in local:
+        return Verdict(Decision.MALFORMED, raw_domain)
+    if raw_domain.startswith("["):
+        return Verdict(Decision.DOMAIN_NOT_ALLOWED, raw_domain)
+    domain = normalize_domain(raw_domain)
+    if domain is None:
+        return Verdict(Decision.MALFORMED, raw_domain)
+    if not allowlist.matches(domain):
+        return Verdict(Decision.DOMAIN_NOT_ALLOWED, domain)
+    return Verdict(Decision.ALLOWED, domain)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    """The sender and recipient allowlists together."""
+
+    senders: DomainAllowlist
+    recipients: DomainAllowlist
+
+    def check_sender(self, address: str) -> Verdict:
+        return check_address(address, self.senders)
+
+    def check_recipient(self, address: str) -> Verdict:
+        verdict = check_address(address, self.recipients)
+        if verdict.decision is Decision.NULL_SENDER:
+            return Verdict(Decision.MALFORMED, "")
+        return verdict

@@ -1,0 +1,177 @@
+"""aiosmtpd's SMTP protocol with the few small overrides a relay needs; each one says why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any, AnyStr, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtp_relay import logs, replies
+
+
+class RelaySession(Session):
+    """aiosmtpd's session plus a short id that ties together every log line of one connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.id = secrets.token_hex(5)
+        self.started = time.monotonic()
+        self.messages = 0
+
+    @property
+    def peer_text(self) -> str:
+        return logs.peer_text(self.peer)
+
+    @property
+    def user(self) -> str | None:
+        return self.auth_data if isinstance(self.auth_data, str) else None
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the recipients policy refused, which make the whole message refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused_recipients: list[str] = []
+
+
+class ConnectionTracker(Protocol):
+    def opened(self, protocol: RelaySMTP) -> None: ...
+    def closed(self, protocol: RelaySMTP) -> None: ...
+
+
+class RelaySMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, handler: Any, *, tracker: ConnectionTracker, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._tracker = tracker
+        self._raw_replies = False
+        self._draining = False
+        self._registered = False
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        session = self.session
+        assert isinstance(session, RelaySession)
+        if first:
+            self._registered = True
+            self._tracker.opened(self)
+            logs.event(logging.INFO, "connect", session=session.id, peer=session.peer_text)
+        else:
+            cipher = transport.get_extra_info("cipher")
+            logs.event(
+                logging.INFO,
+                "starttls",
+                session=session.id,
+                peer=session.peer_text,
+                version=transport.get_extra_info("ssl_object").version() if cipher else None,
+                cipher=cipher[0] if cipher else None,
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._registered:
+                self._registered = False
+                self._tracker.closed(self)
+                if isinstance(session, RelaySession):
+                    logs.event(
+                        logging.INFO,
+                        "disconnect",
+                        session=session.id,
+                        peer=session.peer_text,
+                        user=session.user,
+                        messages=session.messages,
+                        duration=f"{time.monotonic() - session.started:.3f}",
+                    )
+
+    async def push(self, status: AnyStr) -> None:
+        """Add RFC 3463 codes to aiosmtpd's own replies, and close after a reply once draining."""
+        if isinstance(status, str) and not self._raw_replies:
+            status = replies.with_enhanced_code(status)
+        await super().push(status)
+        if self._draining and not self.in_transaction:
+            self._close_with(replies.SHUTTING_DOWN)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # RFC 2034: the EHLO/HELO reply lines carry no enhanced status codes.
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Keep source routes visible: the library drops `@hop:` silently, which would hide a relay trick."""
+        stripped = arg.lstrip()
+        if stripped.startswith("<@"):
+            end = stripped.find(">")
+            if end < 0:
+                return None, None
+            return stripped[1:end], stripped[end + 1 :]
+        address, rest = super()._getaddr(arg)
+        return address, rest
+
+    def pause_idle_timeout(self) -> None:
+        """While the upstream works on a message the client is waiting on us, not idle."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+
+    def resume_idle_timeout(self) -> None:
+        if self.transport is not None:
+            self._reset_timeout()
+
+    def begin_shutdown(self) -> None:
+        """Close now if idle; otherwise let the transaction finish and close after its reply."""
+        self._draining = True
+        if not self.in_transaction:
+            self._close_with(replies.SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+    def _close_with(self, reply: str) -> None:
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            return
+        try:
+            transport.write(reply.encode("ascii") + b"\r\n")
+        finally:
+            transport.close()
+
+
+class RefuseProtocol(asyncio.Protocol):
+    """Answers a connection over MAX_CONNECTIONS with 421 and closes it, without starting an SMTP session."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        peer = transport.get_extra_info("peername")
+        logs.event(logging.WARNING, "connect.refused", peer=logs.peer_text(peer), reason="MAX_CONNECTIONS reached")
+        transport.write(replies.TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
+        transport.close()

@@ -1,0 +1,147 @@
+"""The relay server: listener, TLS, connection limit, signals and graceful shutdown; built from config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+
+from smtp_relay import __version__, logs
+from smtp_relay.auth import Authenticator
+from smtp_relay.config import ConfigError, Settings
+from smtp_relay.handler import RelayHandler
+from smtp_relay.protocol import RefuseProtocol, RelaySMTP
+from smtp_relay.upstream import Upstream, UpstreamSettings
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext:
+    """TLS 1.2+ server context with Python's modern cipher defaults."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("TLS_CERT_FILE", f"cannot load certificate/key: {exc}") from None
+    return context
+
+
+class RelayServer:
+    """startup -> serve until a signal -> shutdown in stages (stop accepting, drain, force)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hostname = socket.gethostname() or "smtp-relay"
+        self.connections: set[RelaySMTP] = set()
+        self._tls_context = server_tls_context(settings) if settings.use_tls else None
+        self._upstream = Upstream(
+            UpstreamSettings(
+                host=settings.relay_host,
+                port=settings.relay_port,
+                tls_mode=settings.relay_tls_mode,
+                verify=settings.relay_tls_verify,
+                ca_file=settings.relay_tls_ca_file,
+                username=settings.relay_username,
+                password=settings.relay_password.get_secret_value(),
+                timeout=settings.timeout,
+                local_hostname=self.hostname,
+            )
+        )
+        self._handler = RelayHandler(settings.policy, self._upstream, self.hostname)
+        self._authenticator = Authenticator(settings.smtp_auth_username, settings.smtp_auth_password.get_secret_value())
+        self._server: asyncio.Server | None = None
+        self._should_exit = asyncio.Event()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self._signals = 0
+
+    # ConnectionTracker
+    def opened(self, protocol: RelaySMTP) -> None:
+        self.connections.add(protocol)
+        self._all_closed.clear()
+
+    def closed(self, protocol: RelaySMTP) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            self._all_closed.set()
+
+    def _protocol_factory(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.settings.max_connections:
+            return RefuseProtocol()
+        s = self.settings
+        return RelaySMTP(
+            self._handler,
+            tracker=self,
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=False,
+            decode_data=False,
+            hostname=self.hostname,
+            ident="ESMTP smtp-relay",
+            tls_context=self._tls_context,
+            require_starttls=s.use_tls,
+            timeout=s.timeout,
+            auth_required=True,
+            auth_require_tls=s.use_tls,
+            authenticator=self._authenticator,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def serve(self) -> int:
+        await self.startup()
+        await self._should_exit.wait()
+        await self.shutdown()
+        return 0
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        try:
+            self._server = await loop.create_server(
+                self._protocol_factory, s.listen_host, s.listen_port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
+            ) from None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        logs.event(
+            logging.INFO,
+            "listening",
+            version=__version__,
+            host=s.listen_host,
+            port=s.listen_port,
+            starttls=s.use_tls,
+            upstream=f"{s.relay_host}:{s.relay_port}",
+            upstream_tls=s.relay_tls_mode,
+            max_connections=s.max_connections,
+            max_message_size=s.max_message_size,
+        )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            logs.event(logging.WARNING, "shutdown.forced", signal=sig.name, open_connections=len(self.connections))
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            os._exit(1)
+        logs.event(logging.INFO, "shutdown.started", signal=sig.name, open_connections=len(self.connections))
+        self._should_exit.set()
+
+    async def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for protocol in list(self.connections):
+            protocol.begin_shutdown()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout=self.settings.timeout)
+        except TimeoutError:
+            logs.event(logging.WARNING, "shutdown.timeout", open_connections=len(self.connections))
+            for protocol in list(self.connections):
+                protocol.abort()
+            await asyncio.sleep(0)
+        logs.event(logging.INFO, "shutdown.complete")
