@@ -54,12 +54,19 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{base}.{int(record.msecs):03d}Z"
 
 
+def _fields(record: logging.LogRecord) -> tuple[dict[str, object], str]:
+    """Our events carry their fields; other libraries' records become event=<logger> msg=<text>."""
+    fields: dict[str, object] | None = record.__dict__.get("fields")
+    if fields is None:
+        return {"msg": record.getMessage()}, record.name
+    return fields, str(record.msg)
+
+
 class TextFormatter(logging.Formatter):
     """`time level=... event=... key=value ...` with every value escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = getattr(record, "fields", None) or {"msg": record.getMessage()}
-        name = record.msg if hasattr(record, "fields") else f"{record.name}"
+        fields, name = _fields(record)
         parts = [_timestamp(record), f"level={record.levelname}", f"event={escape(name)}"]
         parts.extend(f"{key}={escape(value)}" for key, value in fields.items() if value is not None)
         line = " ".join(parts)
@@ -72,8 +79,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line; json.dumps escapes control characters itself."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = getattr(record, "fields", None) or {"msg": record.getMessage()}
-        name = record.msg if hasattr(record, "fields") else record.name
+        fields, name = _fields(record)
         doc: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "event": name}
         for key, value in fields.items():
             if value is not None:

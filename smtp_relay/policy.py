@@ -147,7 +147,7 @@ def check_address(address: str, allowlist: DomainAllowlist) -> Verdict:
     Refuses relay tricks before looking at the domain: `%` and `!` routing in the local part,
     source routes, quoted local parts that hide another address, and domain literals.
     """
-    if not address:
+    if not address or address == "<>":
         return Verdict(Decision.NULL_SENDER, "")
     if address.startswith("@") or address.startswith("<"):
         return Verdict(Decision.ROUTING, "")

@@ -127,8 +127,11 @@ class RelaySMTP(SMTP):
             self._raw_replies = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Keep source routes visible: the library drops `@hop:` silently, which would hide a relay trick."""
+        """Show source routes and `<>` to policy: the library drops `@hop:` silently and answers `<>` with 501."""
         stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            # The null sender: handed to policy (which refuses it, with a log line) instead of a bare 501.
+            return "<>", stripped[2:]
         if stripped.startswith("<@"):
             end = stripped.find(">")
             if end < 0:

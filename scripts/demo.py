@@ -1,0 +1,66 @@
+"""Demo: a local upstream that prints every message, and the relay in front of it (Ctrl-C stops both).
+
+Run with `make demo`, then in another terminal:
+
+    swaks --server localhost:1025 --auth-user user --auth-password password \\
+          --from sender@example.com --to recipient@example.com \\
+          --header "Subject: Test Email" --body "This is a test email."
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+UPSTREAM_PORT = int(os.environ.get("DEMO_UPSTREAM_PORT", "2525"))
+
+
+class PrintingUpstream:
+    """Stands in for the organisation's mail server: shows what the relay forwarded."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        bar = "-" * 72
+        body = envelope.original_content.decode("utf-8", errors="replace")
+        print(f"\n{bar}\nDEMO UPSTREAM received a message", flush=True)
+        print(f"MAIL FROM: {envelope.mail_from}\nRCPT TO:   {', '.join(envelope.rcpt_tos)}\n{bar}", flush=True)
+        print(body.rstrip("\r\n").replace("\r\n", "\n"), flush=True)
+        print(bar, flush=True)
+        return "250 2.0.0 Accepted by the demo upstream"
+
+
+def main() -> int:
+    upstream = Controller(PrintingUpstream(), hostname="127.0.0.1", port=UPSTREAM_PORT)
+    upstream.start()
+    print(f"demo upstream listening on 127.0.0.1:{UPSTREAM_PORT}", flush=True)
+    env = {
+        # Demo defaults; anything already set in the environment wins.
+        "RELAY_HOST": "127.0.0.1",
+        "RELAY_PORT": str(UPSTREAM_PORT),
+        "RELAY_USE_TLS": "false",
+        "LOG_FILE": "",
+        **os.environ,
+    }
+    # Own session: Ctrl-C reaches only this script, which then asks the relay once to stop gracefully.
+    relay = subprocess.Popen([sys.executable, "-m", "smtp_relay"], env=env, start_new_session=True)
+    try:
+        while relay.poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            relay.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+    finally:
+        upstream.stop()
+    return relay.returncode or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
