@@ -123,3 +123,59 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def send_data(client: RawClient, body: bytes) -> tuple[int, str]:
+    """DATA + body (already dot-stuffed, CRLF-ended) + end marker; the final reply.
+
+    A relay may refuse at the DATA command itself (no 354): that reply is returned.
+    """
+    code, text = client.cmd("DATA")
+    if code != 354:
+        return code, text
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    client.send(body + b".\r\n")
+    return client.reply()
+
+
+def transaction(
+    port: int,
+    mail_from: str,
+    rcpt_tos: list[str],
+    body: bytes,
+    auth: bool = True,
+    timeout: float = 20.0,
+) -> tuple[str, int, str]:
+    """One full transaction over a fresh connection.
+
+    Returns (stage, code, text) of the first refusal, or ("DATA", 250, text) on success. Recipients
+    refused at RCPT are recorded but DATA is still attempted if any was accepted (as a client would).
+    """
+    with RawClient(port, timeout=timeout) as c:
+        code, text = c.cmd("EHLO client.test")
+        assert code == 250, (code, text)
+        if auth:
+            code, text = c.auth_plain()
+            if code != 235:
+                return "AUTH", code, text
+        code, text = c.cmd(f"MAIL FROM:<{mail_from}>")
+        if code != 250:
+            return "MAIL", code, text
+        refused: tuple[str, int, str] | None = None  # the first refused recipient's reply
+        accepted = 0
+        for rcpt in rcpt_tos:
+            code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+            if code == 250:
+                accepted += 1
+            elif refused is None:
+                refused = ("RCPT", code, text)
+        if not accepted:
+            assert refused is not None
+            return refused
+        code, text = send_data(c, body)
+        try:
+            c.cmd("QUIT")
+        except (OSError, ConnectionError, TimeoutError):
+            pass
+        return "DATA", code, text

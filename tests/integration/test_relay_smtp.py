@@ -1,0 +1,358 @@
+"""SMTP behaviour of the relay seen by a client: EHLO, AUTH, sender/recipient policy, transactions, size,
+SMTP smuggling. One relay (plain listener, plain upstream) serves the whole module."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import time
+
+import pytest
+from support.client import RawClient, authed, connect, login, quit_quietly, send_data, transaction
+from support.relay import CLIENT_USER
+
+MAX_SIZE = 20000
+
+
+@pytest.fixture(scope="module")
+def upstream(module_stack):
+    return module_stack.sink()
+
+
+@pytest.fixture(scope="module")
+def relay(module_stack, upstream):
+    return module_stack.relay(upstream.port, MAX_MESSAGE_SIZE=str(MAX_SIZE))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream):
+    upstream.reset()
+    yield
+    upstream.reset()
+
+
+def _nothing_forwarded(upstream, wait: float = 0.3) -> bool:
+    time.sleep(wait)
+    return upstream.messages == []
+
+
+MSG = b"Subject: hello\r\nFrom: a@example.com\r\nTo: b@example.com\r\n\r\nHello there.\r\n"
+
+
+# -- EHLO --------------------------------------------------------------------------------------------
+
+
+def test_ehlo_advertises_size_8bitmime_pipelining_enhancedstatuscodes(relay):
+    smtp = connect(relay.port)
+    try:
+        assert smtp.has_extn("size")
+        assert smtp.esmtp_features["size"].strip() == str(MAX_SIZE)
+        assert smtp.has_extn("8bitmime")
+        assert smtp.has_extn("pipelining")
+        assert smtp.has_extn("enhancedstatuscodes")
+    finally:
+        quit_quietly(smtp)
+
+
+def test_ehlo_advertises_auth_plain_login_and_no_starttls_without_use_tls(relay):
+    smtp = connect(relay.port)
+    try:
+        assert smtp.has_extn("auth")
+        mechanisms = smtp.esmtp_features["auth"].upper().split()
+        assert "PLAIN" in mechanisms and "LOGIN" in mechanisms
+        assert not smtp.has_extn("starttls")
+    finally:
+        quit_quietly(smtp)
+
+
+# -- AUTH ---------------------------------------------------------------------------------------------
+
+
+def test_mail_before_auth_is_refused_with_530_5_7_0(relay, upstream):
+    smtp = connect(relay.port)
+    try:
+        code, text = smtp.mail("sender@example.com")
+        assert code == 530
+        assert text.startswith(b"5.7.0")
+    finally:
+        quit_quietly(smtp)
+    assert _nothing_forwarded(upstream)
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+def test_auth_with_configured_credentials_succeeds_and_delivers(relay, upstream, mech):
+    smtp = connect(relay.port)
+    try:
+        code, text = login(smtp, mech=mech)
+        assert code == 235, text
+        assert smtp.sendmail("sender@example.com", ["rcpt@example.com"], MSG) == {}
+    finally:
+        quit_quietly(smtp)
+    msgs = upstream.wait_for_messages(1)
+    assert [(m.mail_from, m.rcpt_tos) for m in msgs] == [("sender@example.com", ["rcpt@example.com"])]
+
+
+# -- sender and recipient policy ---------------------------------------------------------------------
+
+
+def test_disallowed_sender_domain_is_refused_553_5_7_1_with_warning_naming_domain_user_peer(relay, upstream):
+    smtp = authed(relay.port)
+    try:
+        code, text = smtp.mail("someone@forbidden-sender.test")
+        assert code == 553
+        assert text.startswith(b"5.7.1")
+    finally:
+        quit_quietly(smtp)
+    line = relay.wait_for_log("WARNING", "forbidden-sender.test")
+    assert line is not None, relay.describe()
+    assert CLIENT_USER in line
+    assert "127.0.0.1" in line
+    assert _nothing_forwarded(upstream)
+
+
+def test_disallowed_recipient_domain_is_refused_550_5_7_1_with_warning(relay):
+    smtp = authed(relay.port)
+    try:
+        assert smtp.mail("sender@example.com")[0] == 250
+        code, text = smtp.rcpt("victim@forbidden-rcpt.test")
+        assert code == 550
+        assert text.startswith(b"5.7.1")
+    finally:
+        quit_quietly(smtp)
+    line = relay.wait_for_log("WARNING", "forbidden-rcpt.test")
+    assert line is not None, relay.describe()
+    assert "127.0.0.1" in line
+
+
+def test_disallowed_recipient_rejects_whole_message(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<bad@elsewhere.test>")[0] == 550
+        assert c.cmd("RCPT TO:<good2@example.org>")[0] == 250
+        code, text = send_data(c, MSG)
+        assert code == 554, text
+        assert text.startswith("5.7.1")
+    assert _nothing_forwarded(upstream)
+
+
+def test_disallowed_recipient_rejects_whole_message_with_smtplib_sendmail(relay, upstream):
+    smtp = authed(relay.port)
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            smtp.sendmail("sender@example.com", ["good@example.com", "bad@elsewhere.test"], MSG)
+        assert err.value.smtp_code == 554
+    finally:
+        quit_quietly(smtp)
+    assert _nothing_forwarded(upstream)
+
+
+def test_refused_recipient_does_not_poison_the_next_transaction(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<bad@elsewhere.test>")[0] == 550
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        code, text = send_data(c, MSG)
+        assert code == 250, text
+    assert [m.rcpt_tos for m in upstream.wait_for_messages(1)] == [["good@example.com"]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "MAIL FROM:<>",
+        "MAIL FROM:<user%elsewhere.test@example.com>",
+        "MAIL FROM:<elsewhere.test!user@example.com>",
+        "MAIL FROM:<@relay.example.com:user@example.com>",
+    ],
+    ids=["null-sender", "percent", "bang", "source-route"],
+)
+def test_relay_tricks_in_sender_are_refused_5xx(relay, upstream, command):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        code, text = c.cmd(command)
+        assert 500 <= code < 600, (code, text)
+    assert _nothing_forwarded(upstream, 0.1)
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "victim%elsewhere.test@example.com",
+        "elsewhere.test!victim@example.com",
+        "@example.com:victim@elsewhere.test",
+        "@elsewhere.test:victim@example.com",
+    ],
+    ids=["percent", "bang", "source-route-to-foreign", "source-route-via-foreign"],
+)
+def test_relay_tricks_in_recipient_are_refused_5xx(relay, upstream, rcpt):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+        assert 500 <= code < 600, (code, text)
+    assert _nothing_forwarded(upstream, 0.1)
+
+
+def test_domain_matching_is_case_insensitive_and_ignores_trailing_dot(relay, upstream):
+    stage, code, text = transaction(relay.port, "Sender@EXAMPLE.com", ["rcpt@Example.COM.", "x@example.ORG"], MSG)
+    assert (stage, code) == ("DATA", 250), text
+    assert len(upstream.wait_for_messages(1)) == 1
+
+
+def test_lookalike_domains_are_not_allowed(relay, upstream):
+    for sender in ("a@example.com.evil.test", "a@notexample.com", "a@sub.example.com"):
+        stage, code, _ = transaction(relay.port, sender, ["rcpt@example.com"], MSG)
+        assert (stage, code) == ("MAIL", 553), sender
+    assert _nothing_forwarded(upstream, 0.1)
+
+
+# -- transactions -------------------------------------------------------------------------------------
+
+
+def test_several_transactions_on_one_connection(relay, upstream):
+    smtp = authed(relay.port)
+    try:
+        assert smtp.sendmail("one@example.com", ["r1@example.com"], MSG + b"first\r\n") == {}
+        assert smtp.sendmail("two@example.com", ["r2@example.org", "r3@example.com"], MSG + b"second\r\n") == {}
+        assert smtp.sendmail("three@example.com", ["r4@example.com"], MSG + b"third\r\n") == {}
+    finally:
+        quit_quietly(smtp)
+    msgs = upstream.wait_for_messages(3)
+    assert [(m.mail_from, m.rcpt_tos) for m in msgs] == [
+        ("one@example.com", ["r1@example.com"]),
+        ("two@example.com", ["r2@example.org", "r3@example.com"]),
+        ("three@example.com", ["r4@example.com"]),
+    ]
+    assert all(m.data.endswith(end) for m, end in zip(msgs, (b"first\r\n", b"second\r\n", b"third\r\n"), strict=True))
+
+
+def test_rset_discards_the_envelope(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<first@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<dropped@example.com>")[0] == 250
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd("MAIL FROM:<second@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<kept@example.com>")[0] == 250
+        code, text = send_data(c, MSG)
+        assert code == 250, text
+    msgs = upstream.wait_for_messages(1)
+    assert [(m.mail_from, m.rcpt_tos) for m in msgs] == [("second@example.com", ["kept@example.com"])]
+
+
+def test_pipelined_commands_get_one_reply_each_in_order(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        c.send(b"MAIL FROM:<sender@example.com>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@nope.test>\r\n"
+               b"RCPT TO:<c@example.org>\r\n")
+        codes = [c.reply()[0] for _ in range(4)]
+        assert codes == [250, 250, 550, 250]
+        assert c.cmd("RSET")[0] == 250
+    assert _nothing_forwarded(upstream, 0.1)
+
+
+# -- size ---------------------------------------------------------------------------------------------
+
+
+def test_message_larger_than_max_message_size_is_refused_552_5_3_4_and_not_forwarded(relay, upstream):
+    big = MSG + (b"x" * 70 + b"\r\n") * (MAX_SIZE // 72 + 50)
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        code, text = send_data(c, big)
+        assert code == 552, text
+        assert text.startswith("5.3.4")
+    assert _nothing_forwarded(upstream)
+
+
+def test_mail_from_size_parameter_over_the_limit_is_refused_552_5_3_4(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        code, text = c.cmd(f"MAIL FROM:<sender@example.com> SIZE={MAX_SIZE * 10}")
+        assert code == 552, text
+        assert text.startswith("5.3.4")
+
+
+def test_message_just_under_the_limit_is_delivered(relay, upstream):
+    body = MSG + (b"y" * 70 + b"\r\n") * ((MAX_SIZE - 2000) // 72)
+    assert len(body) < MAX_SIZE
+    stage, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], body)
+    assert (stage, code) == ("DATA", 250), text
+    assert upstream.wait_for_messages(1)[0].data.endswith(body)
+
+
+# -- SMTP smuggling -----------------------------------------------------------------------------------
+
+
+def _bare_dot_lines(data: bytes) -> list[bytes]:
+    """Every "." standing alone between line breaks other than a proper CRLF on both sides.
+
+    The sink has already removed the transparency dot of a stuffed line, so a proper CRLF "." CRLF here
+    was ".." on the wire, which is harmless; anything else is a line a lenient server may end DATA on.
+    """
+    found = []
+    for m in re.finditer(rb"\.", data):
+        i = m.start()
+        before, after = data[max(0, i - 2) : i], data[i + 1 : i + 3]
+        starts_line = before.endswith((b"\n", b"\r"))
+        ends_line = after.startswith((b"\n", b"\r"))
+        if starts_line and ends_line and not (before == b"\r\n" and after == b"\r\n"):
+            found.append(data[max(0, i - 2) : i + 3])
+    return found
+
+
+@pytest.mark.parametrize("seq", [b"\n.\n", b"\r.\r", b"\n.\r\n"], ids=["LF.LF", "CR.CR", "LF.CRLF"])
+def test_smtp_smuggling_sequences_never_split_the_message(relay, upstream, seq):
+    smuggled = (
+        b"MAIL FROM:<attacker@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nSMUGGLED-PAYLOAD"
+    )
+    body = b"Subject: innocent\r\n\r\nbefore" + seq + smuggled + seq + b"after\r\n"
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        code, text = send_data(c, body)
+        assert code == 250, text
+        # exactly one reply for the whole message: nothing else is pending
+        assert c.cmd("NOOP")[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    msgs = upstream.wait_for_messages(1)
+    time.sleep(0.3)
+    msgs = upstream.messages
+    assert len(msgs) == 1
+    assert (msgs[0].mail_from, msgs[0].rcpt_tos) == ("sender@example.com", ["rcpt@example.com"])
+    assert b"SMUGGLED-PAYLOAD" in msgs[0].data and b"after" in msgs[0].data
+    assert "attacker@example.com" not in upstream.mail_commands
+    # what went upstream cannot be read as two messages by a lenient server either
+    assert _bare_dot_lines(msgs[0].data) == []
+
+
+def test_dot_stuffed_lines_survive_unchanged(relay, upstream):
+    original = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
+    on_wire = b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n"
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        code, text = send_data(c, on_wire)
+        assert code == 250, text
+    msgs = upstream.wait_for_messages(1)
+    assert len(msgs) == 1
+    assert msgs[0].data.endswith(original)
