@@ -1,0 +1,140 @@
+"""Configuration parsing: defaults, booleans, lists, secrets files and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtp_relay.config import ConfigError, load_settings, variable_names
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in variable_names():
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_match_the_documented_table() -> None:
+    s = load_settings()
+    assert s.smtp_auth_username == "user"
+    assert s.smtp_auth_password.get_secret_value() == "password"
+    assert s.allowed_from_domains == ("example.com",)
+    assert s.allowed_to_domains == ("example.com",)
+    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 1025)
+    assert s.use_tls is False
+    assert (str(s.tls_cert_file), str(s.tls_key_file)) == ("/etc/certs/server.crt", "/etc/certs/server.key")
+    assert (s.relay_host, s.relay_port) == ("smtp.example.com", 25)
+    assert (s.relay_use_tls, s.relay_use_ssl, s.relay_tls_verify) == (True, False, True)
+    assert (s.relay_username, s.relay_password.get_secret_value()) == ("", "")
+    assert (s.max_connections, s.timeout) == (50, 60)
+    assert (s.log_file, s.log_level, s.log_format) == ("/var/log/smtp-relay.log", "INFO", "text")
+    assert s.max_message_size == 26214400
+    assert s.relay_tls_ca_file is None
+
+
+@pytest.mark.parametrize("text", ["true", "TRUE", "1", "yes", "Yes", "on", "ON"])
+def test_true_booleans_in_any_case(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("RELAY_USE_SSL", text)
+    assert load_settings().relay_use_ssl is True
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "NO", "off", "Off"])
+def test_false_booleans_in_any_case(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("RELAY_USE_TLS", text)
+    assert load_settings().relay_use_tls is False
+
+
+def test_domain_lists_split_on_commas_and_ignore_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOWED_TO_DOMAINS", " a.com , *.b.org,c.net ,")
+    assert load_settings().allowed_to_domains == ("a.com", "*.b.org", "c.net")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LISTEN_PORT", "abc"),
+        ("LISTEN_PORT", "70000"),
+        ("RELAY_PORT", "0"),
+        ("USE_TLS", "maybe"),
+        ("ALLOWED_FROM_DOMAINS", ""),
+        ("ALLOWED_TO_DOMAINS", " , "),
+        ("ALLOWED_TO_DOMAINS", "bad domain.com"),
+        ("MAX_CONNECTIONS", "0"),
+        ("TIMEOUT", "-5"),
+        ("LOG_LEVEL", "LOUD"),
+        ("LOG_FORMAT", "xml"),
+        ("MAX_MESSAGE_SIZE", "ten"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == variable
+    assert str(err.value).startswith(f"{variable}: ")
+    assert "\n" not in str(err.value)
+
+
+def test_use_tls_requires_existing_certificate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("USE_TLS", "true")
+    monkeypatch.setenv("TLS_CERT_FILE", str(tmp_path / "missing.crt"))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "TLS_CERT_FILE"
+
+
+def test_password_file_is_read_and_trailing_newline_dropped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret value\n")
+    monkeypatch.setenv("SMTP_AUTH_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("RELAY_USERNAME", "relay")
+    relay_secret = tmp_path / "relay"
+    relay_secret.write_text("r3lay")
+    monkeypatch.setenv("RELAY_PASSWORD_FILE", str(relay_secret))
+    s = load_settings()
+    assert s.smtp_auth_password.get_secret_value() == "s3cret value"
+    assert s.relay_password.get_secret_value() == "r3lay"
+
+
+def test_variable_and_its_file_together_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("x")
+    monkeypatch.setenv("SMTP_AUTH_PASSWORD", "direct")
+    monkeypatch.setenv("SMTP_AUTH_PASSWORD_FILE", str(secret))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "SMTP_AUTH_PASSWORD_FILE"
+
+
+def test_missing_password_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RELAY_PASSWORD_FILE", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "RELAY_PASSWORD_FILE"
+
+
+def test_masked_settings_never_show_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_AUTH_PASSWORD", "topsecret-1")
+    monkeypatch.setenv("RELAY_USERNAME", "relay")
+    monkeypatch.setenv("RELAY_PASSWORD", "topsecret-2")
+    shown = load_settings().masked()
+    assert set(shown) == set(variable_names())
+    assert "topsecret" not in repr(shown)
+    assert shown["SMTP_AUTH_PASSWORD"] == "********"
+
+
+def test_warnings_for_weak_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOWED_TO_DOMAINS", "*")
+    monkeypatch.setenv("RELAY_TLS_VERIFY", "false")
+    text = " ".join(load_settings().warnings())
+    assert "SMTP_AUTH_PASSWORD" in text
+    assert "ALLOWED_TO_DOMAINS" in text
+    assert "RELAY_TLS_VERIFY" in text
+
+
+def test_password_values_are_never_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_AUTH_PASSWORD", "")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "SMTP_AUTH_PASSWORD"

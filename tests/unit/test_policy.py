@@ -1,0 +1,131 @@
+"""Pure policy: domain matching and relay-trick refusal, with property-based tests."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smtp_relay.policy import Decision, DomainAllowlist, PolicyError, RelayPolicy, check_address, normalize_domain
+
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+domain = st.lists(label, min_size=2, max_size=4).map(".".join)
+local = st.from_regex(r"[A-Za-z0-9._+-]{1,20}", fullmatch=True)
+
+
+def allow(*patterns: str) -> DomainAllowlist:
+    return DomainAllowlist.parse(patterns)
+
+
+def test_exact_domain_matches_only_itself() -> None:
+    lst = allow("example.com")
+    assert check_address("a@example.com", lst).allowed
+    assert not check_address("a@sub.example.com", lst).allowed
+    assert not check_address("a@example.com.evil.net", lst).allowed
+    assert not check_address("a@notexample.com", lst).allowed
+
+
+def test_wildcard_subdomain_pattern_excludes_the_parent_itself() -> None:
+    lst = allow("*.example.com")
+    assert check_address("a@mail.example.com", lst).allowed
+    assert check_address("a@x.y.example.com", lst).allowed
+    assert not check_address("a@example.com", lst).allowed
+    assert not check_address("a@evilexample.com", lst).allowed
+
+
+def test_star_alone_allows_any_domain() -> None:
+    assert check_address("a@anything.test", allow("*")).allowed
+
+
+def test_matching_ignores_case_and_trailing_dot() -> None:
+    lst = allow("Example.COM.")
+    assert check_address("a@EXAMPLE.com", lst).allowed
+    assert check_address("a@example.com.", lst).allowed
+
+
+def test_internationalised_domains_match_in_either_form() -> None:
+    assert check_address("a@xn--bcher-kva.example", allow("bücher.example")).allowed
+    assert check_address("a@bücher.example", allow("xn--bcher-kva.example")).allowed
+    assert check_address("a@BÜCHER.example", allow("bücher.example")).allowed
+
+
+@pytest.mark.parametrize(
+    ("address", "decision"),
+    [
+        ("", Decision.NULL_SENDER),
+        ("<>", Decision.NULL_SENDER),
+        ("user%other.net@example.com", Decision.ROUTING),
+        ("other.net!user@example.com", Decision.ROUTING),
+        ("@hop.net:user@example.com", Decision.ROUTING),
+        ('"user@other.net"@example.com', Decision.ROUTING),
+        ("no-domain", Decision.MALFORMED),
+        ("user@", Decision.MALFORMED),
+        ("user\r\n@example.com", Decision.MALFORMED),
+        ("user\x00@example.com", Decision.MALFORMED),
+        ("user@exa mple.com", Decision.MALFORMED),
+        ("user@[127.0.0.1]", Decision.DOMAIN_NOT_ALLOWED),
+        ('"john doe"@example.com', Decision.ALLOWED),
+    ],
+)
+def test_relay_tricks_and_malformed_addresses_are_refused(address: str, decision: Decision) -> None:
+    assert check_address(address, allow("example.com")).decision is decision
+
+
+@pytest.mark.parametrize("patterns", [[], [" ", ""], ["exa mple.com"], ["*.*.com"], ["ex*ample.com"], ["-bad.com"]])
+def test_invalid_or_empty_allowlists_are_errors(patterns: list[str]) -> None:
+    with pytest.raises(PolicyError):
+        DomainAllowlist.parse(patterns)
+
+
+def test_recipient_null_address_is_malformed_not_null_sender() -> None:
+    policy = RelayPolicy(allow("example.com"), allow("example.com"))
+    assert policy.check_recipient("<>").decision is Decision.MALFORMED
+    assert policy.check_sender("<>").decision is Decision.NULL_SENDER
+
+
+@given(local, domain)
+def test_listed_domain_always_allows_its_addresses(lp: str, dom: str) -> None:
+    assert check_address(f"{lp}@{dom}", allow(dom)).allowed
+    assert check_address(f"{lp}@{dom.upper()}.", allow(dom)).allowed
+
+
+@given(local, domain, domain)
+def test_suffix_tricks_never_match(lp: str, dom: str, evil: str) -> None:
+    lst = allow(dom)
+    assert not check_address(f"{lp}@{dom}.{evil}", lst).allowed
+    assert not check_address(f"{lp}@{evil}{dom}", lst).allowed or evil + dom == dom
+
+
+@given(local, domain, label)
+def test_wildcard_matches_every_subdomain_but_not_parent(lp: str, dom: str, sub: str) -> None:
+    lst = allow(f"*.{dom}")
+    assert check_address(f"{lp}@{sub}.{dom}", lst).allowed
+    assert not check_address(f"{lp}@{dom}", lst).allowed
+
+
+@given(local, domain, domain)
+def test_unlisted_domain_is_refused_with_its_name(lp: str, listed: str, other: str) -> None:
+    verdict = check_address(f"{lp}@{other}", allow(listed))
+    assert verdict.allowed == (other == listed)
+    if not verdict.allowed:
+        assert verdict.decision is Decision.DOMAIN_NOT_ALLOWED
+        assert verdict.domain == other
+
+
+@given(local, domain, st.sampled_from("%!"), domain)
+def test_percent_and_bang_routing_never_pass(lp: str, dom: str, trick: str, target: str) -> None:
+    assert check_address(f"{lp}{trick}{target}@{dom}", allow("*")).decision is Decision.ROUTING
+
+
+@given(st.text(max_size=40))
+def test_any_text_gets_a_verdict_without_crashing(text: str) -> None:
+    verdict = check_address(text, allow("example.com"))
+    if verdict.allowed:
+        assert text.rpartition("@")[2].rstrip(".").lower() in {"example.com"}
+
+
+@given(st.text(max_size=30))
+def test_normalize_is_idempotent(text: str) -> None:
+    once = normalize_domain(text)
+    if once is not None:
+        assert normalize_domain(once) == once

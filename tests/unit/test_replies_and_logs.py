@@ -1,0 +1,67 @@
+"""Reply formatting and log escaping: pure functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smtp_relay import replies
+from smtp_relay.logs import JsonFormatter, TextFormatter, escape
+
+REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} \S")
+
+
+def test_every_reply_constant_carries_an_enhanced_code_of_its_class() -> None:
+    for name, value in vars(replies).items():
+        if name.isupper() and isinstance(value, str) and value[:1].isdigit():
+            assert REPLY.match(value), name
+            assert value[0] == value[4], name
+
+
+def test_library_replies_get_enhanced_codes() -> None:
+    assert replies.with_enhanced_code("552 Error: Too much mail data") == replies.MESSAGE_TOO_BIG
+    assert replies.with_enhanced_code("503 Error: need RCPT command").startswith("503 5.5.1 ")
+    assert replies.with_enhanced_code("530 5.7.0 Authentication required") == "530 5.7.0 Authentication required"
+    assert replies.with_enhanced_code("220 host ESMTP") == "220 host ESMTP"
+    assert replies.with_enhanced_code("334 VXNlcm5hbWU6") == "334 VXNlcm5hbWU6"
+
+
+@given(st.integers(min_value=0, max_value=999), st.text(max_size=80))
+def test_upstream_replies_are_one_safe_line_of_an_error_class(code: int, text: str) -> None:
+    line = replies.upstream_reply(code, text)
+    assert line[0] in "45"
+    assert "\r" not in line and "\n" not in line
+    assert all(32 <= ord(ch) < 127 for ch in line)
+    if 400 <= code < 600:
+        assert line.startswith(str(code))
+
+
+@given(st.text(max_size=60))
+def test_escaped_values_never_contain_line_breaks(text: str) -> None:
+    out = escape(text)
+    assert "\n" not in out and "\r" not in out
+    assert " " not in out or (out.startswith('"') and out.endswith('"'))
+
+
+def _record(**fields: object) -> logging.LogRecord:
+    record = logging.LogRecord("smtp_relay", logging.WARNING, __file__, 1, "mail.refused", None, None)
+    record.fields = fields
+    return record
+
+
+def test_text_log_line_cannot_be_forged_with_crlf() -> None:
+    line = TextFormatter().format(_record(address="a@x\r\n2026 level=INFO event=forged", user="u"))
+    assert "\n" not in line
+    assert line.count("event=") == 2  # ours, and the escaped text inside the quoted value
+    assert 'address="a@x\\r\\n2026 level=INFO event=forged"' in line
+
+
+def test_json_log_line_is_one_object() -> None:
+    line = JsonFormatter().format(_record(address="a\r\nb", size=3))
+    doc = json.loads(line)
+    assert "\n" not in line
+    assert doc["event"] == "mail.refused" and doc["address"] == "a\r\nb" and doc["size"] == 3
