@@ -124,3 +124,8 @@ def require_tool() -> Callable[[str], str]:
         return path
 
     return _require
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The sinks deliberately require AUTH over plain text in some cases (aiosmtpd warns at connect).
+    config.addinivalue_line("filterwarnings", "ignore:Requiring AUTH while not requiring TLS:UserWarning")

@@ -238,3 +238,86 @@ def test_concurrent_clients_are_each_delivered(relay, upstream):
     assert sorted(r[1] for r in results) == [250] * 6, results
     msgs = upstream.wait_for_messages(6)
     assert sorted(m.mail_from for m in msgs) == sorted(f"s{i}@example.com" for i in range(6))
+
+
+# -- real clients: swaks and curl --------------------------------------------------------------------
+
+
+def _swaks(relay, require_tool, *extra: str):
+    import subprocess
+
+    from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+    return subprocess.run(
+        [require_tool("swaks"), "--server", "127.0.0.1", "--port", str(relay.port), "--auth-user", CLIENT_USER,
+         "--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--timeout", "15", *extra],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def _curl(relay, require_tool, mail_file, *rcpts: str, user: str | None = None):
+    import subprocess
+
+    from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+    args = [require_tool("curl"), "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
+            "--mail-from", "sender@example.com", "--user", user or f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+            "--upload-file", str(mail_file)]
+    for r in rcpts:
+        args += ["--mail-rcpt", r]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+def test_swaks_authenticates_with_each_mechanism(relay, upstream, require_tool, mech):
+    out = _swaks(relay, require_tool, "--auth", mech, "--to", "rcpt@example.com", "--body", f"via {mech}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"via {mech}".encode() in upstream.wait_for_messages(1)[0].data
+
+
+def test_swaks_with_one_disallowed_recipient_delivers_nothing(relay, upstream, require_tool):
+    out = _swaks(relay, require_tool, "--to", "rcpt@example.com,victim@elsewhere.test", "--body", "x")
+    assert out.returncode != 0
+    assert "554" in out.stdout or "550" in out.stdout, out.stdout
+    time.sleep(0.3)
+    assert upstream.messages == []
+
+
+def test_curl_delivers_exact_bytes_to_every_recipient(relay, upstream, require_tool, tmp_path):
+    body = b"From: sender@example.com\r\nTo: a@example.com\r\nSubject: curl\r\n\r\n.dot line\r\ncurl body\r\n"
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(body)
+    out = _curl(relay, require_tool, mail, "a@example.com", "b@example.org")
+    assert out.returncode == 0, out.stdout + out.stderr
+    msgs = upstream.wait_for_messages(1)
+    assert len(msgs) == 1
+    assert msgs[0].rcpt_tos == ["a@example.com", "b@example.org"]
+    assert msgs[0].data.endswith(body)
+
+
+def test_curl_with_disallowed_recipient_fails_and_delivers_nothing(relay, upstream, require_tool, tmp_path):
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(b"Subject: x\r\n\r\ny\r\n")
+    out = _curl(relay, require_tool, mail, "a@example.com", "victim@elsewhere.test")
+    assert out.returncode != 0
+    time.sleep(0.3)
+    assert upstream.messages == []
+
+
+def test_curl_with_disallowed_sender_fails(relay, upstream, require_tool, tmp_path):
+    import subprocess
+
+    from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(b"Subject: x\r\n\r\ny\r\n")
+    out = subprocess.run(
+        [require_tool("curl"), "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
+         "--mail-from", "spoof@forbidden.test", "--mail-rcpt", "a@example.com",
+         "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}", "--upload-file", str(mail)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode != 0
+    assert "553" in out.stderr, out.stderr
+    time.sleep(0.3)
+    assert upstream.messages == []

@@ -1,0 +1,143 @@
+"""USE_TLS: the relay offers STARTTLS and requires it before AUTH and MAIL; real clients (smtplib, swaks,
+curl) deliver over it with the test CA."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from support.client import RawClient, login, quit_quietly
+from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+MSG = b"Subject: over starttls\r\n\r\nsecret body\r\n"
+
+
+@pytest.fixture(scope="module")
+def upstream(module_stack):
+    return module_stack.sink()
+
+
+@pytest.fixture(scope="module")
+def relay(module_stack, upstream, tls):
+    return module_stack.relay(
+        upstream.port, USE_TLS="true", TLS_CERT_FILE=str(tls.cert_pem), TLS_KEY_FILE=str(tls.key_pem)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream):
+    upstream.reset()
+    yield
+    upstream.reset()
+
+
+def _ehlo_keywords(text: str) -> set[str]:
+    return {line.split()[0].upper() for line in text.splitlines()[1:] if line.strip()}
+
+
+def test_before_starttls_ehlo_offers_starttls_but_not_auth(relay):
+    with RawClient(relay.port) as c:
+        code, text = c.cmd("EHLO client.test")
+        assert code == 250
+        keywords = _ehlo_keywords(text)
+        assert "STARTTLS" in keywords
+        assert "AUTH" not in keywords
+        assert {"SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"} <= keywords
+
+
+def test_auth_before_starttls_is_refused(relay):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        code, text = c.auth_plain()
+        assert 500 <= code < 600, (code, text)
+
+
+def test_mail_before_starttls_is_refused_530(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        code, text = c.cmd("MAIL FROM:<sender@example.com>")
+        assert code == 530, text
+    time.sleep(0.2)
+    assert upstream.messages == []
+
+
+def test_after_starttls_auth_is_offered_and_starttls_is_not(relay, tls):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.starttls(tls.client_ctx(), server_hostname="localhost")[0] == 220
+        code, text = c.cmd("EHLO client.test")
+        assert code == 250
+        keywords = _ehlo_keywords(text)
+        assert "STARTTLS" not in keywords
+        assert "AUTH" in keywords
+        auth_line = next(line for line in text.splitlines() if line.upper().startswith("AUTH"))
+        assert {"PLAIN", "LOGIN"} <= set(auth_line.upper().split()[1:])
+        assert c.auth_plain()[0] == 235
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+def test_smtplib_delivers_over_starttls(relay, upstream, tls, mech):
+    import smtplib
+
+    smtp = smtplib.SMTP("127.0.0.1", relay.port, timeout=15)
+    try:
+        smtp.ehlo("client.test")
+        smtp.starttls(context=tls.client_ctx())
+        smtp.ehlo("client.test")
+        code, text = login(smtp, mech=mech)
+        assert code == 235, text
+        assert smtp.sendmail("sender@example.com", ["rcpt@example.com"], MSG) == {}
+    finally:
+        quit_quietly(smtp)
+    msgs = upstream.wait_for_messages(1)
+    assert len(msgs) == 1 and msgs[0].data.endswith(MSG)
+
+
+def test_swaks_delivers_over_starttls_with_verified_certificate(relay, upstream, tls, require_tool):
+    swaks = require_tool("swaks")
+    out = subprocess.run(
+        [swaks, "--server", "127.0.0.1", "--port", str(relay.port), "--tls", "--tls-verify",
+         "--tls-ca-path", str(tls.ca_pem), "--auth", "LOGIN", "--auth-user", CLIENT_USER,
+         "--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--to", "rcpt@example.com",
+         "--header", "Subject: swaks tls", "--body", "swaks over tls", "--timeout", "15"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    msgs = upstream.wait_for_messages(1)
+    assert len(msgs) == 1 and b"swaks over tls" in msgs[0].data
+    assert CLIENT_PASSWORD not in relay.all_output()
+
+
+def test_curl_delivers_over_starttls_with_ssl_reqd_and_cacert(relay, upstream, tls, tmp_path, require_tool):
+    curl = require_tool("curl")
+    mail = tmp_path / "mail.eml"
+    body = b"From: sender@example.com\r\nTo: rcpt@example.com\r\nSubject: curl tls\r\n\r\ncurl over tls\r\n"
+    mail.write_bytes(body)
+    out = subprocess.run(
+        [curl, "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}", "--ssl-reqd",
+         "--cacert", str(tls.ca_pem), "--mail-from", "sender@example.com", "--mail-rcpt", "rcpt@example.com",
+         "--mail-rcpt", "other@example.org", "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+         "--upload-file", str(mail)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    msgs = upstream.wait_for_messages(1)
+    assert len(msgs) == 1
+    assert msgs[0].rcpt_tos == ["rcpt@example.com", "other@example.org"]
+    assert msgs[0].data.endswith(body)
+
+
+def test_curl_without_ssl_cannot_authenticate(relay, upstream, tmp_path, require_tool):
+    curl = require_tool("curl")
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(b"Subject: plain\r\n\r\nno tls\r\n")
+    out = subprocess.run(
+        [curl, "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
+         "--mail-from", "sender@example.com", "--mail-rcpt", "rcpt@example.com",
+         "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}", "--upload-file", str(mail)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode != 0
+    time.sleep(0.2)
+    assert upstream.messages == []
