@@ -1,0 +1,198 @@
+"""Logging: one line per event to stdout and LOG_FILE, each with a session id and the peer; the username
+but never a password; client text escaped so CR/LF cannot forge a line; JSON format."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+
+import pytest
+from support.client import RawClient, plain_b64, send_data
+from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+MSG = b"Subject: log me\r\n\r\nlogged body\r\n"
+WRONG_PASSWORD = "Wrong-Pw-Zq81"  # noqa: S105
+SESSION_KEY = re.compile(r"\b(?:session|session_id|sid)=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def upstream(module_stack):
+    return module_stack.sink()
+
+
+@pytest.fixture(scope="module")
+def relays(module_stack, upstream):
+    """Three relays on one upstream, started together: INFO text, DEBUG text, INFO json."""
+    out = {
+        "text": module_stack.relay(upstream.port, wait=False),
+        "debug": module_stack.relay(upstream.port, wait=False, LOG_LEVEL="DEBUG"),
+        "json": module_stack.relay(upstream.port, wait=False, LOG_FORMAT="json"),
+    }
+    for r in out.values():
+        r.wait_ready()
+    return out
+
+
+@pytest.fixture
+def relay(relays):
+    return relays["text"]
+
+
+def _session_lines(relay, peer: str, needle: str, timeout: float = 5.0) -> tuple[str, list[str]]:
+    """Wait for a line with the peer and needle; return the session id and every line of that session."""
+    line = relay.wait_for_log(peer, needle, timeout=timeout)
+    assert line is not None, f"no log line with {peer} and {needle!r}\n{relay.describe()}"
+    m = SESSION_KEY.search(line)
+    assert m, f"no session id in {line!r}"
+    sid = m.group(1)
+    return sid, [ln for ln in relay.log_lines() if re.search(rf"\b(?:session|session_id|sid)={re.escape(sid)}(\s|$)", ln)]
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S+)', line))
+
+
+def _one_delivery(relay, rcpts=("a@example.com", "b@example.org")) -> str:
+    with RawClient(relay.port) as c:
+        peer = "127.0.0.1:%d" % c.sock.getsockname()[1]
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<logged-sender@example.com>")[0] == 250
+        for r in rcpts:
+            assert c.cmd(f"RCPT TO:<{r}>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    return peer
+
+
+def test_session_events_are_logged_with_session_id_and_peer(relay):
+    peer = _one_delivery(relay)
+    time.sleep(0.3)
+    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    assert len(lines) >= 5, lines  # connection, auth, mail, 2 x rcpt, forward (at least)
+    for ln in lines:
+        assert "127.0.0.1" in ln, f"line without the peer: {ln!r}"
+    joined = "\n".join(lines)
+    assert "logged-sender@example.com" in joined
+    assert "a@example.com" in joined and "b@example.org" in joined
+    assert any(CLIENT_USER in ln and "auth" in ln.lower() for ln in lines), lines
+
+
+def test_forward_result_line_has_upstream_reply_size_recipient_count_and_duration(relay):
+    peer = _one_delivery(relay)
+    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    forward = [ln for ln in lines if "queued as sink" in ln or re.search(r"\b250\b", ln)]
+    forward = [ln for ln in forward if any(k in ln.lower() for k in ("size", "bytes"))]
+    assert forward, lines
+    fields = {k.lower(): v for k, v in _fields(forward[-1]).items()}
+    sizes = [int(v) for k, v in fields.items() if ("size" in k or "bytes" in k) and v.isdigit()]
+    assert sizes and max(sizes) >= len(MSG), fields
+    counts = [v for k, v in fields.items() if "rcpt" in k or "recipient" in k]
+    assert "2" in counts, fields
+    assert any("duration" in k or "elapsed" in k or k.endswith("_ms") for k in fields), fields
+
+
+def test_log_file_gets_the_same_lines_as_stdout(relay):
+    peer = _one_delivery(relay)
+    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(ln in relay.log_file for ln in lines):
+        time.sleep(0.05)
+    file_lines = set(relay.log_file.splitlines())
+    missing = [ln for ln in lines if ln not in file_lines]
+    assert not missing, missing
+
+
+def test_refused_sender_warning_names_domain_user_and_peer(relay):
+    with RawClient(relay.port) as c:
+        port = c.sock.getsockname()[1]
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<x@refused-domain-for-log.test>")[0] == 553
+    line = relay.wait_for_log("WARNING", "refused-domain-for-log.test")
+    assert line is not None, relay.describe()
+    assert CLIENT_USER in line
+    assert f"127.0.0.1:{port}" in line or "127.0.0.1" in line
+
+
+def test_auth_results_log_the_username_and_never_a_password(relay):
+    with RawClient(relay.port) as c:
+        port = c.sock.getsockname()[1]
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH PLAIN " + plain_b64("auth-fail-user", WRONG_PASSWORD))[0] == 535
+        # AUTH LOGIN, right user, wrong password
+        assert c.cmd("AUTH LOGIN")[0] == 334
+        assert c.cmd(base64.b64encode(CLIENT_USER.encode()).decode())[0] == 334
+        code, text = c.cmd(base64.b64encode(WRONG_PASSWORD.encode()).decode())
+        assert code == 535 and text.startswith("5.7.8"), (code, text)
+        assert c.auth_plain()[0] == 235
+    peer = f"127.0.0.1:{port}"
+    assert relay.wait_for_log(peer, "auth-fail-user") is not None, relay.describe()
+    failure = relay.wait_for_log("auth-fail-user")
+    assert "WARNING" in failure or "fail" in failure.lower(), failure
+    time.sleep(0.2)
+    _assert_no_secrets(relay)
+
+
+def _assert_no_secrets(relay):
+    everything = relay.all_output()
+    for secret in (CLIENT_PASSWORD, WRONG_PASSWORD):
+        assert secret not in everything
+        assert base64.b64encode(secret.encode()).decode() not in everything
+    for user in (CLIENT_USER, "auth-fail-user"):
+        for pw in (CLIENT_PASSWORD, WRONG_PASSWORD):
+            assert plain_b64(user, pw) not in everything
+
+
+def test_no_password_in_the_logs_even_at_debug_level(relays):
+    relay = relays["debug"]
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, WRONG_PASSWORD))[0] == 535
+        assert c.cmd("AUTH LOGIN")[0] == 334
+        assert c.cmd(base64.b64encode(CLIENT_USER.encode()).decode())[0] == 334
+        assert c.cmd(base64.b64encode(CLIENT_PASSWORD.encode()).decode())[0] == 235
+        assert c.cmd("MAIL FROM:<s@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<r@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+    time.sleep(0.3)
+    _assert_no_secrets(relay)
+
+
+def test_crlf_in_client_text_cannot_forge_a_log_line(relay):
+    forged_user = f"evil\r\nFORGED-LINE level=INFO event=auth outcome=success user={CLIENT_USER}\nFORGED-TWO x=1"
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH PLAIN " + plain_b64(forged_user, "nope"))[0] == 535
+        assert c.auth_plain()[0] == 235
+        # a bare CR inside a command line is not a line end for SMTP, but must not become one in the log
+        c.cmd(b"MAIL FROM:<x@forged-cr.test\rFORGED-THREE level=ERROR>")
+        c.cmd(b"EHLO host\rFORGED-FOUR level=ERROR")
+    assert relay.wait_for_log("FORGED-LINE") is not None, "the attempt was not logged at all"
+    time.sleep(0.2)
+    for source in (relay.stdout, relay.log_file):
+        for line in source.splitlines():
+            assert not re.match(r"\s*FORGED", line), f"forged log line: {line!r}"
+            assert "\r" not in line, f"raw CR in log line: {line!r}"
+
+
+def test_json_log_format_writes_one_json_object_per_line(relays):
+    relay = relays["json"]
+    peer = _one_delivery(relay)
+    time.sleep(0.3)
+    lines = [ln for ln in relay.stdout.splitlines() if ln.strip()]
+    assert lines
+    docs = []
+    for ln in lines:
+        try:
+            docs.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pytest.fail(f"not JSON: {ln!r}")
+    session_docs = [d for d in docs if peer in json.dumps(d)]
+    assert any(CLIENT_USER in json.dumps(d) for d in session_docs), session_docs
+    assert all(isinstance(d, dict) for d in docs)
+    assert CLIENT_PASSWORD not in relay.all_output()
+    file_lines = [ln for ln in relay.log_file.splitlines() if ln.strip()]
+    assert file_lines and all(json.loads(ln) for ln in file_lines)
