@@ -9,14 +9,16 @@ from typing import Any
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from smtp_relay import logs
+from smtp_relay.lockout import LoginThrottle
 
 
 class Authenticator:
     """Checks one configured username/password pair in constant time; logs every outcome, never the password."""
 
-    def __init__(self, username: str, password: str) -> None:
+    def __init__(self, username: str, password: str, throttle: LoginThrottle) -> None:
         self._username = username.encode("utf-8")
         self._password = password.encode("utf-8")
+        self.throttle = throttle
 
     def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
@@ -31,11 +33,26 @@ class Authenticator:
             "peer": logs.peer_text(getattr(session, "peer", None)),
             "user": user,
         }
+        address = peer_address(session)
         if user_ok and password_ok:
+            self.throttle.success(address)
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
             return AuthResult(success=True, auth_data=user)
+        locked = self.throttle.failure(address)
         logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields)
-        on_failure = getattr(server, "on_auth_failure", None)
-        if on_failure is not None:
-            on_failure()
+        if locked:
+            logs.event(
+                logging.WARNING,
+                "auth.lockout",
+                **fields,
+                address=address,
+                seconds=self.throttle.lockout_seconds,
+                reason="AUTH_MAX_FAILURES reached",
+            )
         return AuthResult(success=False, handled=False)
+
+
+def peer_address(session: Any) -> str:
+    """The client's IP address: what lockouts are keyed on."""
+    peer = getattr(session, "peer", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)

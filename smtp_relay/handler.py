@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.smtp import TLSSetupException
+from aiosmtpd.smtp import MISSING, TLSSetupException
 
 from smtp_relay import logs, replies
+from smtp_relay.auth import peer_address
+from smtp_relay.lockout import LoginThrottle
 from smtp_relay.policy import Decision, RelayPolicy, Verdict
 from smtp_relay.protocol import RelayEnvelope, RelaySession, RelaySMTP
 from smtp_relay.upstream import Upstream
@@ -36,10 +39,11 @@ _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 class RelayHandler:
     """Decides each MAIL and RCPT by policy and hands accepted messages to the upstream."""
 
-    def __init__(self, policy: RelayPolicy, upstream: Upstream, hostname: str) -> None:
+    def __init__(self, policy: RelayPolicy, upstream: Upstream, hostname: str, throttle: LoginThrottle) -> None:
         self.policy = policy
         self.upstream = upstream
         self.hostname = hostname
+        self.throttle = throttle
 
     async def handle_EHLO(
         self,
@@ -54,6 +58,24 @@ class RelayHandler:
         lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
         lines[-1] = "250 " + lines[-1][4:]
         return lines
+
+    async def handle_AUTH(
+        self, server: RelaySMTP, session: RelaySession, envelope: RelayEnvelope, args: list[str]
+    ) -> Any:
+        """Refuse locked-out addresses with 421 and hang up; slow down addresses that keep failing."""
+        address = peer_address(session)
+        locked_for = self.throttle.locked_for(address)
+        if locked_for > 0:
+            logs.event(
+                logging.WARNING, "auth.refused", **_ids(session), reason="locked out", seconds=f"{locked_for:.0f}"
+            )
+            await server.push(replies.AUTH_LOCKED_OUT)
+            server.close()
+            return None
+        delay = self.throttle.delay(address)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return MISSING
 
     async def handle_MAIL(
         self,

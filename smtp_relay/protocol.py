@@ -155,6 +155,10 @@ class RelaySMTP(SMTP):
         if not self.in_transaction:
             self._close_with(replies.SHUTTING_DOWN)
 
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def abort(self) -> None:
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.abort()

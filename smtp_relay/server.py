@@ -14,6 +14,7 @@ from smtp_relay import __version__, logs
 from smtp_relay.auth import Authenticator
 from smtp_relay.config import ConfigError, Settings
 from smtp_relay.handler import RelayHandler
+from smtp_relay.lockout import LoginThrottle
 from smtp_relay.protocol import RefuseProtocol, RelaySMTP
 from smtp_relay.upstream import Upstream, UpstreamSettings
 
@@ -50,8 +51,10 @@ class RelayServer:
                 local_hostname=self.hostname,
             )
         )
-        self._handler = RelayHandler(settings.policy, self._upstream, self.hostname)
-        self._authenticator = Authenticator(settings.smtp_auth_username, settings.smtp_auth_password.get_secret_value())
+        throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds)
+        self._handler = RelayHandler(settings.policy, self._upstream, self.hostname, throttle)
+        password = settings.smtp_auth_password.get_secret_value()
+        self._authenticator = Authenticator(settings.smtp_auth_username, password, throttle)
         self._server: asyncio.Server | None = None
         self._should_exit = asyncio.Event()
         self._all_closed = asyncio.Event()
