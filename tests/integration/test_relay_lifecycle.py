@@ -1,0 +1,140 @@
+"""Life cycle: graceful SIGTERM/SIGINT (idle sessions get 421, transactions in flight finish, exit 0), a
+second signal exits at once; the connection limit and the client idle timeout."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from support.client import RawClient, transaction
+
+MSG = b"Subject: lifecycle\r\n\r\nbody\r\n"
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _authed_idle_client(relay) -> RawClient:
+    c = RawClient(relay.port)
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.auth_plain()[0] == 235
+    return c
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("state", ["greeted", "authenticated"])
+def test_signal_closes_idle_sessions_with_421_and_exits_0(stack, sig, state):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, TIMEOUT="5")
+    c = _authed_idle_client(relay) if state == "authenticated" else RawClient(relay.port)
+    try:
+        relay.send_signal(sig)
+        code, text = c.reply()
+        assert code == 421, text
+        assert c.closed_by_peer(5)
+    finally:
+        c.close()
+    assert relay.wait(10) == 0, relay.describe()
+
+
+def test_sigterm_lets_a_transaction_in_flight_finish_and_stops_accepting(stack):
+    upstream = stack.sink()
+    upstream.configure(data_delay=2.0)
+    relay = stack.relay(upstream.port, TIMEOUT="8")
+    result: list[tuple[str, int, str]] = []
+    worker = threading.Thread(
+        target=lambda: result.append(transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG))
+    )
+    worker.start()
+    try:
+        assert _wait_until(lambda: upstream.data_started, 5), "the message never reached the upstream"
+        relay.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert relay.returncode is None, "exited with a transaction in flight"
+        # no new sessions while draining: refused, or closed without a 220 greeting
+        try:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=2) as s:
+                s.settimeout(2)
+                data = s.recv(1024)
+                assert not data.startswith(b"220"), data
+        except OSError:
+            pass
+    finally:
+        worker.join(15)
+    assert result and result[0][:2] == ("DATA", 250), result
+    assert len(upstream.messages) == 1
+    assert relay.wait(10) == 0, relay.describe()
+
+
+def test_second_signal_exits_at_once(stack):
+    upstream = stack.sink()
+    upstream.configure(hang=30)
+    relay = stack.relay(upstream.port, TIMEOUT="20")
+    def client() -> None:
+        try:
+            transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG, timeout=25)
+        except (OSError, ConnectionError, TimeoutError):
+            pass  # the relay was told to exit at once: the connection may die mid-transaction
+
+    worker = threading.Thread(target=client, daemon=True)
+    worker.start()
+    assert _wait_until(lambda: upstream.data_started, 5)
+    relay.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert relay.returncode is None, "the first signal should wait for the transaction in flight"
+    started = time.monotonic()
+    relay.send_signal(signal.SIGTERM)
+    relay.wait(5)
+    assert time.monotonic() - started < 3
+
+
+def test_connection_over_max_connections_gets_421_and_is_closed(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, MAX_CONNECTIONS="2")
+    first, second = RawClient(relay.port), RawClient(relay.port)
+    try:
+        assert first.greeting[0] == 220 and second.greeting[0] == 220
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            s.settimeout(5)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"421"), data
+            assert s.recv(1024) == b""
+        first.cmd("QUIT")
+        first.close()
+
+        def a_slot_is_free() -> bool:
+            try:
+                with RawClient(relay.port, timeout=3) as c:
+                    return c.greeting[0] == 220
+            except (OSError, ValueError):
+                return False
+
+        assert _wait_until(a_slot_is_free, 5)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_idle_client_is_disconnected_after_timeout(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, TIMEOUT="1.5")
+    with RawClient(relay.port, timeout=10) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        started = time.monotonic()
+        assert c.closed_by_peer(8)
+        assert time.monotonic() - started < 6
+        assert c.buf == b"" or c.buf.startswith(b"421"), c.buf
