@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -160,13 +160,13 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     def abort(self) -> None:
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.abort()
+        if self.transport is not None:
+            _writable(self.transport).abort()
 
     def _close_with(self, reply: str) -> None:
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
             return
+        transport = _writable(self.transport)
         try:
             transport.write(reply.encode("ascii") + b"\r\n")
         finally:
@@ -177,8 +177,13 @@ class RefuseProtocol(asyncio.Protocol):
     """Answers a connection over MAX_CONNECTIONS with 421 and closes it, without starting an SMTP session."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = _writable(transport)
         peer = transport.get_extra_info("peername")
         logs.event(logging.WARNING, "connect.refused", peer=logs.peer_text(peer), reason="MAX_CONNECTIONS reached")
         transport.write(replies.TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
         transport.close()
+
+
+def _writable(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """uvloop's transports do not subclass asyncio's ABCs, so isinstance() cannot be used to narrow them."""
+    return cast(asyncio.Transport, transport)
