@@ -494,6 +494,7 @@ def deployment(image: Image, tmp_path: Path) -> Iterator[dict[str, Path]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.timeout(600)  # the first one builds the stand-in image: pip wheel may download the dependencies
 @pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "starttls"])
 def test_entrypoint_and_healthcheck_work_as_written_for_the_unprivileged_user(image, deployment, tls, use_tls):
     cannot_write = subprocess.run(**_run_as(image, ["test", "-w", str(REPO_ROOT)], {}), timeout=10, check=False)
