@@ -13,10 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import trustme  # noqa: E402
-
-from support.relay import RelayProcess, relay_env  # noqa: E402
-from support.sink import Sink  # noqa: E402
+import trustme
+from support.relay import RelayProcess, relay_env
+from support.sink import Sink
 
 
 @dataclass

@@ -97,11 +97,37 @@ def test_smtplib_delivers_over_starttls(relay, upstream, tls, mech):
 def test_swaks_delivers_over_starttls_with_verified_certificate(relay, upstream, tls, require_tool):
     swaks = require_tool("swaks")
     out = subprocess.run(
-        [swaks, "--server", "127.0.0.1", "--port", str(relay.port), "--tls", "--tls-verify",
-         "--tls-ca-path", str(tls.ca_pem), "--auth", "LOGIN", "--auth-user", CLIENT_USER,
-         "--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--to", "rcpt@example.com",
-         "--header", "Subject: swaks tls", "--body", "swaks over tls", "--timeout", "15"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            swaks,
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(relay.port),
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            str(tls.ca_pem),
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            CLIENT_USER,
+            "--auth-password",
+            CLIENT_PASSWORD,
+            "--from",
+            "sender@example.com",
+            "--to",
+            "rcpt@example.com",
+            "--header",
+            "Subject: swaks tls",
+            "--body",
+            "swaks over tls",
+            "--timeout",
+            "15",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)
@@ -115,11 +141,31 @@ def test_curl_delivers_over_starttls_with_ssl_reqd_and_cacert(relay, upstream, t
     body = b"From: sender@example.com\r\nTo: rcpt@example.com\r\nSubject: curl tls\r\n\r\ncurl over tls\r\n"
     mail.write_bytes(body)
     out = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}", "--ssl-reqd",
-         "--cacert", str(tls.ca_pem), "--mail-from", "sender@example.com", "--mail-rcpt", "rcpt@example.com",
-         "--mail-rcpt", "other@example.org", "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-         "--upload-file", str(mail)],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--url",
+            f"smtp://127.0.0.1:{relay.port}",
+            "--ssl-reqd",
+            "--cacert",
+            str(tls.ca_pem),
+            "--mail-from",
+            "sender@example.com",
+            "--mail-rcpt",
+            "rcpt@example.com",
+            "--mail-rcpt",
+            "other@example.org",
+            "--user",
+            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+            "--upload-file",
+            str(mail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)
@@ -133,10 +179,26 @@ def test_curl_without_ssl_cannot_authenticate(relay, upstream, tmp_path, require
     mail = tmp_path / "mail.eml"
     mail.write_bytes(b"Subject: plain\r\n\r\nno tls\r\n")
     out = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
-         "--mail-from", "sender@example.com", "--mail-rcpt", "rcpt@example.com",
-         "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}", "--upload-file", str(mail)],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--url",
+            f"smtp://127.0.0.1:{relay.port}",
+            "--mail-from",
+            "sender@example.com",
+            "--mail-rcpt",
+            "rcpt@example.com",
+            "--user",
+            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+            "--upload-file",
+            str(mail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode != 0
     time.sleep(0.2)

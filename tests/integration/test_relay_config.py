@@ -13,8 +13,8 @@ from support.client import RawClient, plain_b64, transaction
 from support.net import free_port
 from support.relay import REPO_ROOT, clean_env, run_cli
 
-SECRET = "Cfg-Secret-Value-4242"  # noqa: S105
-RELAY_SECRET = "Cfg-Relay-Secret-777"  # noqa: S105
+SECRET = "Cfg-Secret-Value-4242"
+RELAY_SECRET = "Cfg-Relay-Secret-777"
 
 
 def _base(tmp_path) -> dict[str, str]:
@@ -124,8 +124,19 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path):
     assert _setting(out.stdout, "RELAY_PASSWORD")
     allowed = _setting(out.stdout, "ALLOWED_FROM_DOMAINS")
     assert "example.com" in allowed.lower() and " " not in allowed.replace(", ", ",").strip()
-    for name in ("LISTEN_PORT", "USE_TLS", "RELAY_USE_TLS", "RELAY_USE_SSL", "MAX_CONNECTIONS", "TIMEOUT",
-                 "LOG_FILE", "LOG_LEVEL", "LOG_FORMAT", "MAX_MESSAGE_SIZE", "RELAY_TLS_VERIFY"):
+    for name in (
+        "LISTEN_PORT",
+        "USE_TLS",
+        "RELAY_USE_TLS",
+        "RELAY_USE_SSL",
+        "MAX_CONNECTIONS",
+        "TIMEOUT",
+        "LOG_FILE",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "MAX_MESSAGE_SIZE",
+        "RELAY_TLS_VERIFY",
+    ):
         _setting(out.stdout, name)
 
 
@@ -133,8 +144,12 @@ def test_check_config_masks_secrets_read_from_files(tmp_path):
     pw, rpw = tmp_path / "pw", tmp_path / "rpw"
     pw.write_text("client-secret-from-file")
     rpw.write_text("relay-secret-from-file")
-    env = {**_base(tmp_path), "RELAY_USERNAME": "acct", "SMTP_AUTH_PASSWORD_FILE": str(pw),
-           "RELAY_PASSWORD_FILE": str(rpw)}
+    env = {
+        **_base(tmp_path),
+        "RELAY_USERNAME": "acct",
+        "SMTP_AUTH_PASSWORD_FILE": str(pw),
+        "RELAY_PASSWORD_FILE": str(rpw),
+    }
     del env["SMTP_AUTH_PASSWORD"]
     out = run_cli(["--check-config"], env, timeout=20)
     assert out.returncode == 0, out.stderr
@@ -144,12 +159,25 @@ def test_check_config_masks_secrets_read_from_files(tmp_path):
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("TRUE", True), ("yes", True), ("On", True), ("1", True), ("False", False), ("NO", False),
-     ("off", False), ("0", False)],
+    [
+        ("TRUE", True),
+        ("yes", True),
+        ("On", True),
+        ("1", True),
+        ("False", False),
+        ("NO", False),
+        ("off", False),
+        ("0", False),
+    ],
 )
 def test_booleans_accept_true_false_1_0_yes_no_on_off_in_any_case(tmp_path, tls, value, expected):
-    env = {**_base(tmp_path), "USE_TLS": value, "TLS_CERT_FILE": str(tls.cert_pem), "TLS_KEY_FILE": str(tls.key_pem),
-           "RELAY_TLS_VERIFY": value}
+    env = {
+        **_base(tmp_path),
+        "USE_TLS": value,
+        "TLS_CERT_FILE": str(tls.cert_pem),
+        "TLS_KEY_FILE": str(tls.key_pem),
+        "RELAY_TLS_VERIFY": value,
+    }
     out = run_cli(["--check-config"], env, timeout=20)
     assert out.returncode == 0, out.stderr
     for name in ("USE_TLS", "RELAY_TLS_VERIFY"):
@@ -162,7 +190,12 @@ def test_version_prints_the_version():
     assert out.returncode == 0, out.stderr
     expected = subprocess.run(
         [sys.executable, "-c", "import smtp_relay; print(smtp_relay.__version__)"],
-        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=20, check=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
     ).stdout.strip()
     assert expected and expected in out.stdout
     assert re.search(r"\d+\.\d+", out.stdout)
@@ -176,8 +209,14 @@ def test_startup_warns_about_default_password_wildcard_allowlist_and_unverified_
     from support.relay import RelayProcess, relay_env
 
     d = stack.workdir / "warn"
-    env = relay_env(d, upstream.port, ALLOWED_TO_DOMAINS="*", RELAY_USE_TLS="true", RELAY_TLS_VERIFY="false",
-                    SMTP_AUTH_USERNAME="user")
+    env = relay_env(
+        d,
+        upstream.port,
+        ALLOWED_TO_DOMAINS="*",
+        RELAY_USE_TLS="true",
+        RELAY_TLS_VERIFY="false",
+        SMTP_AUTH_USERNAME="user",
+    )
     del env["SMTP_AUTH_PASSWORD"]
     relay = RelayProcess(env, d)
     stack.relays.append(relay)
@@ -227,8 +266,9 @@ def test_listen_port_in_use_exits_2_naming_listen_port(stack, tmp_path):
 
 def test_allowed_domains_ignore_spaces(stack):
     upstream = stack.sink()
-    relay = stack.relay(upstream.port, ALLOWED_FROM_DOMAINS="  other.test ,example.com  ",
-                        ALLOWED_TO_DOMAINS=" dest.test , *.sub.test ")
+    relay = stack.relay(
+        upstream.port, ALLOWED_FROM_DOMAINS="  other.test ,example.com  ", ALLOWED_TO_DOMAINS=" dest.test , *.sub.test "
+    )
     stage, code, text = transaction(relay.port, "s@example.com", ["a@dest.test", "b@x.sub.test"], b"S: x\r\n\r\ny\r\n")
     assert (stage, code) == ("DATA", 250), text
     stage, code, _ = transaction(relay.port, "s@example.com", ["b@sub.test"], b"S: x\r\n\r\ny\r\n")
@@ -242,8 +282,13 @@ def test_allowlist_matches_idn_in_either_form_and_ignores_trailing_dot_in_the_li
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.auth_plain()[0] == 235
         assert c.cmd("MAIL FROM:<s@example.com>")[0] == 250
-        for rcpt in ("a@xn--bcher-kva.example", "b@XN--BCHER-KVA.EXAMPLE", "c@xn--mnchen-3ya.example",
-                     "d@trailing.example", "e@TRAILING.example"):
+        for rcpt in (
+            "a@xn--bcher-kva.example",
+            "b@XN--BCHER-KVA.EXAMPLE",
+            "c@xn--mnchen-3ya.example",
+            "d@trailing.example",
+            "e@TRAILING.example",
+        ):
             code, text = c.cmd(f"RCPT TO:<{rcpt}>")
             assert code == 250, (rcpt, code, text)
         for rcpt in ("f@bucher.example", "g@xn--bcher-kva.example.evil.test", "h@sub.trailing.example"):

@@ -59,9 +59,7 @@ def test_upstream_receives_exact_envelope_and_bytes_with_one_received_header_on_
         b"caf\xc3\xa9 \xe2\x82\xac \t tab and trailing space \r\n"
         b".a line starting with a dot\r\n"
         b"\r\n"
-        b"From the start of a line\r\n"
-        + b"z" * 900
-        + b"\r\n"
+        b"From the start of a line\r\n" + b"z" * 900 + b"\r\n"
         b"last line\r\n"
     )
     on_wire = original.replace(b"\r\n.", b"\r\n..")
@@ -111,10 +109,31 @@ def test_swaks_delivers_through_the_relay(relay, upstream, require_tool):
 
     swaks = require_tool("swaks")
     out = subprocess.run(
-        [swaks, "--server", "127.0.0.1", "--port", str(relay.port), "--auth-user", CLIENT_USER,
-         "--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--to", "recipient@example.com",
-         "--header", "Subject: Test Email", "--body", "This is a test email.", "--timeout", "15"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            swaks,
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(relay.port),
+            "--auth-user",
+            CLIENT_USER,
+            "--auth-password",
+            CLIENT_PASSWORD,
+            "--from",
+            "sender@example.com",
+            "--to",
+            "recipient@example.com",
+            "--header",
+            "Subject: Test Email",
+            "--body",
+            "This is a test email.",
+            "--timeout",
+            "15",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)
@@ -161,9 +180,7 @@ def test_upstream_5xx_at_mail_gives_client_5xx_with_the_upstreams_text(relay, up
 
 def test_upstream_refusing_a_recipient_5xx_delivers_nothing_and_client_gets_5xx(relay, upstream):
     upstream.configure(refuse_rcpt={"unknown@example.com": "550 5.1.1 sink-no-such-user"})
-    stage, code, text = transaction(
-        relay.port, "sender@example.com", ["known@example.com", "unknown@example.com"], MSG
-    )
+    stage, code, text = transaction(relay.port, "sender@example.com", ["known@example.com", "unknown@example.com"], MSG)
     assert 500 <= code < 600, (stage, code, text)
     time.sleep(0.3)
     assert upstream.messages == []
@@ -171,9 +188,7 @@ def test_upstream_refusing_a_recipient_5xx_delivers_nothing_and_client_gets_5xx(
 
 def test_upstream_refusing_a_recipient_4xx_delivers_nothing_and_client_gets_4xx(relay, upstream):
     upstream.configure(refuse_rcpt={"full@example.com": "450 4.2.2 sink-mailbox-full"})
-    _assert_transient(
-        transaction(relay.port, "sender@example.com", ["known@example.com", "full@example.com"], MSG)
-    )
+    _assert_transient(transaction(relay.port, "sender@example.com", ["known@example.com", "full@example.com"], MSG))
     time.sleep(0.3)
     assert upstream.messages == []
 
@@ -191,9 +206,7 @@ def test_upstream_hanging_gives_client_451_4_4_within_the_timeout(relay, upstrea
 
 def test_upstream_dropping_the_connection_gives_client_4xx(relay, upstream):
     upstream.configure(drop_at_data=True)
-    stage, code, text = _assert_transient(
-        transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
-    )
+    stage, _code, _text = _assert_transient(transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG))
     assert stage == "DATA"
 
 
@@ -249,9 +262,26 @@ def _swaks(relay, require_tool, *extra: str):
     from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
     return subprocess.run(
-        [require_tool("swaks"), "--server", "127.0.0.1", "--port", str(relay.port), "--auth-user", CLIENT_USER,
-         "--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--timeout", "15", *extra],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            require_tool("swaks"),
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(relay.port),
+            "--auth-user",
+            CLIENT_USER,
+            "--auth-password",
+            CLIENT_PASSWORD,
+            "--from",
+            "sender@example.com",
+            "--timeout",
+            "15",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -260,9 +290,20 @@ def _curl(relay, require_tool, mail_file, *rcpts: str, user: str | None = None):
 
     from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
-    args = [require_tool("curl"), "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
-            "--mail-from", "sender@example.com", "--user", user or f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-            "--upload-file", str(mail_file)]
+    args = [
+        require_tool("curl"),
+        "-sS",
+        "--max-time",
+        "20",
+        "--url",
+        f"smtp://127.0.0.1:{relay.port}",
+        "--mail-from",
+        "sender@example.com",
+        "--user",
+        user or f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+        "--upload-file",
+        str(mail_file),
+    ]
     for r in rcpts:
         args += ["--mail-rcpt", r]
     return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
@@ -312,10 +353,26 @@ def test_curl_with_disallowed_sender_fails(relay, upstream, require_tool, tmp_pa
     mail = tmp_path / "mail.eml"
     mail.write_bytes(b"Subject: x\r\n\r\ny\r\n")
     out = subprocess.run(
-        [require_tool("curl"), "-sS", "--max-time", "20", "--url", f"smtp://127.0.0.1:{relay.port}",
-         "--mail-from", "spoof@forbidden.test", "--mail-rcpt", "a@example.com",
-         "--user", f"{CLIENT_USER}:{CLIENT_PASSWORD}", "--upload-file", str(mail)],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            require_tool("curl"),
+            "-sS",
+            "--max-time",
+            "20",
+            "--url",
+            f"smtp://127.0.0.1:{relay.port}",
+            "--mail-from",
+            "spoof@forbidden.test",
+            "--mail-rcpt",
+            "a@example.com",
+            "--user",
+            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
+            "--upload-file",
+            str(mail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode != 0
     assert "553" in out.stderr, out.stderr

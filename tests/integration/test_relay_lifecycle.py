@@ -79,6 +79,7 @@ def test_second_signal_exits_at_once(stack):
     upstream = stack.sink()
     upstream.configure(hang=30)
     relay = stack.relay(upstream.port, TIMEOUT="20")
+
     def client() -> None:
         try:
             transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG, timeout=25)

@@ -13,7 +13,7 @@ from support.client import RawClient, plain_b64, send_data
 from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
 MSG = b"Subject: log me\r\n\r\nlogged body\r\n"
-WRONG_PASSWORD = "Wrong-Pw-Zq81"  # noqa: S105
+WRONG_PASSWORD = "Wrong-Pw-Zq81"
 SESSION_KEY = re.compile(r"\b(?:session|session_id|sid)=(\S+)")
 
 
@@ -47,7 +47,9 @@ def _session_lines(relay, peer: str, needle: str, timeout: float = 5.0) -> tuple
     m = SESSION_KEY.search(line)
     assert m, f"no session id in {line!r}"
     sid = m.group(1)
-    return sid, [ln for ln in relay.log_lines() if re.search(rf"\b(?:session|session_id|sid)={re.escape(sid)}(\s|$)", ln)]
+    return sid, [
+        ln for ln in relay.log_lines() if re.search(rf"\b(?:session|session_id|sid)={re.escape(sid)}(\s|$)", ln)
+    ]
 
 
 def _fields(line: str) -> dict[str, str]:
@@ -56,7 +58,7 @@ def _fields(line: str) -> dict[str, str]:
 
 def _one_delivery(relay, rcpts=("a@example.com", "b@example.org")) -> str:
     with RawClient(relay.port) as c:
-        peer = "127.0.0.1:%d" % c.sock.getsockname()[1]
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.auth_plain()[0] == 235
         assert c.cmd("MAIL FROM:<logged-sender@example.com>")[0] == 250
@@ -70,7 +72,7 @@ def _one_delivery(relay, rcpts=("a@example.com", "b@example.org")) -> str:
 def test_session_events_are_logged_with_session_id_and_peer(relay):
     peer = _one_delivery(relay)
     time.sleep(0.3)
-    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    _sid, lines = _session_lines(relay, peer, CLIENT_USER)
     assert len(lines) >= 5, lines  # connection, auth, mail, 2 x rcpt, forward (at least)
     for ln in lines:
         assert "127.0.0.1" in ln, f"line without the peer: {ln!r}"
@@ -82,7 +84,7 @@ def test_session_events_are_logged_with_session_id_and_peer(relay):
 
 def test_forward_result_line_has_upstream_reply_size_recipient_count_and_duration(relay):
     peer = _one_delivery(relay)
-    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    _sid, lines = _session_lines(relay, peer, CLIENT_USER)
     forward = [ln for ln in lines if "queued as sink" in ln or re.search(r"\b250\b", ln)]
     forward = [ln for ln in forward if any(k in ln.lower() for k in ("size", "bytes"))]
     assert forward, lines
@@ -96,7 +98,7 @@ def test_forward_result_line_has_upstream_reply_size_recipient_count_and_duratio
 
 def test_log_file_gets_the_same_lines_as_stdout(relay):
     peer = _one_delivery(relay)
-    sid, lines = _session_lines(relay, peer, CLIENT_USER)
+    _sid, lines = _session_lines(relay, peer, CLIENT_USER)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not all(ln in relay.log_file for ln in lines):
         time.sleep(0.05)

@@ -11,7 +11,7 @@ from support.client import transaction
 
 MSG = b"Subject: tls\r\n\r\nover tls\r\n"
 UP_USER = "upstream-user"
-UP_PASSWORD = "Upstream-Secret-31337"  # noqa: S105
+UP_PASSWORD = "Upstream-Secret-31337"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Credentials the test relays accept; the password is distinctive so that a leak is easy to find.
 CLIENT_USER = "relayuser"
-CLIENT_PASSWORD = "S3cret-Pw-9f2e7c"  # noqa: S105
+CLIENT_PASSWORD = "S3cret-Pw-9f2e7c"
 
 # Every variable the relay reads; scrubbed from the inherited environment so the host cannot leak in.
 RELAY_VARIABLES = (
@@ -112,9 +112,7 @@ class RelayProcess:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"relay exited early with {self.proc.returncode}\n{self.describe()}"
-                )
+                raise AssertionError(f"relay exited early with {self.proc.returncode}\n{self.describe()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=1.0) as s:
                     s.settimeout(2.0)
@@ -197,9 +195,7 @@ class RelayProcess:
             time.sleep(0.05)
 
     def describe(self) -> str:
-        return (
-            f"--- relay stdout ---\n{self.stdout[-4000:]}\n--- relay stderr ---\n{self.stderr[-4000:]}"
-        )
+        return f"--- relay stdout ---\n{self.stdout[-4000:]}\n--- relay stderr ---\n{self.stderr[-4000:]}"
 
 
 def _read(path: Path) -> str:

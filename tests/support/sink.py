@@ -13,10 +13,9 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
-
-import warnings
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -54,7 +53,7 @@ class _Handler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.sink.mail_commands.append(address)
         b = self.sink.behaviour
         if b.mail_reply:
@@ -63,7 +62,7 @@ class _Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         b = self.sink.behaviour
         reply = b.refuse_rcpt.get(address.lower())
         if reply:
@@ -72,7 +71,7 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):
         b = self.sink.behaviour
         self.sink.data_started.append(time.monotonic())
         if b.drop_at_data:
@@ -161,7 +160,7 @@ class Sink:
         return self.messages
 
     # -- auth --------------------------------------------------------------------------------------
-    def _authenticator(self, server, session, envelope, mechanism, auth_data):  # noqa: ANN001
+    def _authenticator(self, server, session, envelope, mechanism, auth_data):
         if not isinstance(auth_data, LoginPassword):
             self.auth_attempts.append((mechanism, "?", False))
             return AuthResult(success=False, handled=False)
