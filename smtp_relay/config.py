@@ -163,7 +163,8 @@ def _with_secret_files(settings: Settings) -> Settings:
         path: Path | None = getattr(settings, file_field)
         if path is None:
             continue
-        if field in settings.model_fields_set:
+        # An empty variable counts as unset, so compose files can pass `${RELAY_PASSWORD:-}` through.
+        if field in settings.model_fields_set and getattr(settings, field).get_secret_value():
             raise ConfigError(file_field.upper(), f"set together with {field.upper()}; set only one of them")
         try:
             secret = path.read_text(encoding="utf-8").rstrip("\r\n")

@@ -138,3 +138,12 @@ def test_password_values_are_never_echoed_in_errors(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert err.value.variable == "SMTP_AUTH_PASSWORD"
+
+
+def test_empty_variable_beside_its_file_counts_as_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file")
+    monkeypatch.setenv("RELAY_USERNAME", "relay")
+    monkeypatch.setenv("RELAY_PASSWORD", "")
+    monkeypatch.setenv("RELAY_PASSWORD_FILE", str(secret))
+    assert load_settings().relay_password.get_secret_value() == "from-file"
