@@ -378,3 +378,34 @@ def test_curl_with_disallowed_sender_fails(relay, upstream, require_tool, tmp_pa
     assert "553" in out.stderr, out.stderr
     time.sleep(0.3)
     assert upstream.messages == []
+
+
+@pytest.mark.parametrize(
+    "greeting,reply",
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", None),
+        (b"220 junk.test ESMTP\r\n", b"\x00\xff garbage without a code\r\n"),
+        (b"220 junk.test ESMTP\r\n", b"250-first line of a reply that never ends\r\n"),
+        (b"", None),
+    ],
+    ids=["not-smtp", "garbage-replies", "unterminated-multiline", "silent"],
+)
+def test_upstream_speaking_garbage_gives_client_4xx_never_5xx_or_250(stack, greeting, reply):
+    from support.sink import JunkUpstream
+
+    junk = JunkUpstream(greeting, reply, linger=TIMEOUT + 4).start()
+    try:
+        relay = stack.relay(junk.port, TIMEOUT=str(TIMEOUT))
+        started = time.monotonic()
+        stage, code, text = transaction(
+            relay.port, "sender@example.com", ["rcpt@example.com"], MSG, timeout=TIMEOUT + 10
+        )
+        assert 400 <= code < 500, (stage, code, text, relay.describe())
+        assert re.match(r"4\.\d\.\d", text), text
+        assert time.monotonic() - started < TIMEOUT + 5
+        # the relay itself is still healthy
+        with RawClient(relay.port) as c:
+            assert c.cmd("NOOP")[0] == 250
+    finally:
+        junk.stop()
+    assert "Traceback" not in relay.stderr

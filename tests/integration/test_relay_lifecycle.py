@@ -139,3 +139,31 @@ def test_idle_client_is_disconnected_after_timeout(stack):
         assert c.closed_by_peer(8)
         assert time.monotonic() - started < 6
         assert c.buf == b"" or c.buf.startswith(b"421"), c.buf
+
+
+def test_sigterm_with_a_hung_upstream_exits_0_within_the_timeout_and_never_answers_250(stack):
+    upstream = stack.sink()
+    upstream.configure(hang=20)
+    relay = stack.relay(upstream.port, TIMEOUT="2")
+    result: list[object] = []
+
+    def client() -> None:
+        try:
+            result.append(transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG, timeout=15))
+        except (OSError, ConnectionError, TimeoutError) as e:
+            result.append(e)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        assert _wait_until(lambda: upstream.data_started, 5)
+        started = time.monotonic()
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(10) == 0, relay.describe()
+        assert time.monotonic() - started < 2 + 3
+    finally:
+        worker.join(15)
+    assert result
+    if isinstance(result[0], tuple):
+        assert result[0][1] != 250 and 400 <= result[0][1] < 500, result
+    assert upstream.messages == []

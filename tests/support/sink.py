@@ -216,3 +216,55 @@ def down_port() -> int:
         s.settimeout(0.5)
         assert s.connect_ex(("127.0.0.1", port)) != 0
     return port
+
+
+class JunkUpstream:
+    """A TCP server that is not a proper SMTP server: it sends `greeting` bytes, then (optionally) answers
+    every line with `reply`, and closes after `linger` seconds. Every wait is bounded."""
+
+    def __init__(self, greeting: bytes, reply: bytes | None = None, linger: float = 5.0) -> None:
+        self.greeting = greeting
+        self.reply = reply
+        self.linger = linger
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.received = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + self.linger
+        with conn:
+            with contextlib.suppress(OSError):
+                conn.sendall(self.greeting)
+                conn.settimeout(0.2)
+                while time.monotonic() < deadline and not self._stop.is_set():
+                    try:
+                        data = conn.recv(4096)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        return
+                    self.received += data
+                    if self.reply is not None:
+                        conn.sendall(self.reply)
+
+    def start(self) -> JunkUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
