@@ -34,6 +34,7 @@ UPSTREAM_TIMEOUT = "451 4.4.2 Upstream server timed out, try again later"
 UPSTREAM_CONNECTION_LOST = "451 4.4.2 Upstream connection lost, try again later"
 UPSTREAM_TLS_UNAVAILABLE = "451 4.7.5 Upstream TLS not available, try again later"
 UPSTREAM_TLS_FAILED = "451 4.7.5 Upstream TLS failed, try again later"
+UPSTREAM_SESSION_REFUSED = "451 4.4.0 Upstream server refused the relay's session, try again later"
 UPSTREAM_AUTH_FAILED = "451 4.7.0 Upstream authentication failed, try again later"
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
