@@ -147,4 +147,5 @@ class RelayServer:
             for protocol in list(self.connections):
                 protocol.abort()
             await asyncio.sleep(0)
+        await self._upstream.close()
         logs.event(logging.INFO, "shutdown.complete")

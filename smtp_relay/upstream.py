@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import ssl
 import time
@@ -22,6 +23,7 @@ from aiosmtplib import (
 )
 
 from smtp_relay import replies
+from smtp_relay.pool import ConnectionPool, PooledConnection
 
 
 class Stage(enum.Enum):
@@ -78,19 +80,39 @@ def client_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+class _SetupFailed(Exception):
+    """Opening an upstream session failed; carries the outcome (its duration is filled in by `deliver`)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.problem)
+        self.outcome = outcome
+
+
+_RETRY = object()  # a pooled session broke before end of data: try once more on a fresh one
+
+
 class Upstream:
-    """Delivers envelopes over a new connection each; holds the TLS context and settings made once."""
+    """Delivers envelopes over pooled upstream sessions; holds the TLS context and settings made once.
+
+    A session is opened (connect, STARTTLS or implicit TLS, AUTH) once and carries up to
+    `pool.MAX_MESSAGES_PER_CONNECTION` messages; before each reuse it is probed with RSET. If a reused session
+    breaks before the DATA command was sent, the message is tried once more on a fresh session; once DATA was sent
+    it is never resent (the upstream may have it), the client gets a 451 and retries itself.
+    """
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self._tls_context = (
             client_tls_context(settings.verify, settings.ca_file) if settings.tls_mode != "none" else None
         )
+        self.pool = ConnectionPool(self._open)
 
-    async def deliver(self, mail_from: str, rcpt_tos: Sequence[str], content: bytes, eight_bit: bool) -> Outcome:
-        """Send one message; delivered only if every recipient and the end of data got a 2xx."""
-        started = time.monotonic()
-        stage = Stage.CONNECT
+    async def close(self) -> None:
+        """Close the idle upstream sessions (QUIT, bounded); called once at shutdown."""
+        await self.pool.close()
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """A connected, TLS-protected (as configured) and authenticated session, or `_SetupFailed`."""
         s = self.settings
         client = aiosmtplib.SMTP(
             hostname=s.host,
@@ -101,101 +123,136 @@ class Upstream:
             tls_context=self._tls_context,
             local_hostname=s.local_hostname,
         )
+        stage = Stage.CONNECT
         try:
-            try:
-                await client.connect()
-                if s.tls_mode == "starttls":
-                    stage = Stage.TLS
-                    await client.ehlo()
-                    if not client.supports_extension("starttls"):
-                        return self._failed(
+            await client.connect()
+            if s.tls_mode == "starttls":
+                stage = Stage.TLS
+                await client.ehlo()
+                if not client.supports_extension("starttls"):
+                    raise _SetupFailed(
+                        _failed(
                             stage,
                             replies.UPSTREAM_TLS_UNAVAILABLE,
-                            started,
                             problem="upstream does not offer STARTTLS; refusing to send in plain text",
                         )
-                    await client.starttls()
-                if s.username:
-                    stage = Stage.AUTH
-                    await client.login(s.username, s.password)
-                stage = Stage.MAIL
-                options = []
-                if client.supports_extension("size"):
-                    options.append(f"SIZE={len(content)}")
-                if eight_bit and client.supports_extension("8bitmime"):
-                    options.append("BODY=8BITMIME")
-                await client.mail(mail_from, options=options)
-                stage = Stage.RCPT
-                for rcpt in rcpt_tos:
-                    await client.rcpt(rcpt)
-                stage = Stage.DATA
-                response = await client.data(content)
-            except SMTPRecipientRefused as exc:
-                await _abandon(client)
-                return self._rejected(stage, exc, started, problem=f"upstream refused recipient {exc.recipient}")
-            except SMTPAuthenticationError as exc:
-                await _abandon(client)
-                # The relay's own credentials are wrong: not the client's fault, so it may retry later.
-                return self._failed(
-                    stage,
-                    replies.UPSTREAM_AUTH_FAILED,
-                    started,
-                    code=exc.code,
-                    text=exc.message,
-                    problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
-                )
-            except SMTPResponseException as exc:
-                await _abandon(client)
-                return self._rejected(stage, exc, started, problem=f"upstream refused at {stage.value}")
-            except SMTPTimeoutError as exc:
-                return self._failed(stage, replies.UPSTREAM_TIMEOUT, started, problem=f"timeout: {exc}")
-            except SMTPServerDisconnected as exc:
-                return self._failed(stage, replies.UPSTREAM_CONNECTION_LOST, started, problem=f"disconnected: {exc}")
-            except (ssl.SSLError, ssl.CertificateError) as exc:
-                return self._failed(stage, replies.UPSTREAM_TLS_FAILED, started, problem=f"TLS failed: {exc}")
-            except SMTPConnectError as exc:
-                tls_cause = _ssl_cause(exc)
-                if tls_cause is not None:
-                    return self._failed(
-                        Stage.TLS, replies.UPSTREAM_TLS_FAILED, started, problem=f"TLS failed: {tls_cause}"
                     )
-                return self._failed(stage, replies.UPSTREAM_UNAVAILABLE, started, problem=f"connect failed: {exc}")
-            except SMTPException as exc:
-                return self._failed(
-                    stage, replies.UPSTREAM_UNAVAILABLE, started, problem=f"{type(exc).__name__}: {exc}"
-                )
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                return self._failed(
-                    stage, replies.UPSTREAM_CONNECTION_LOST, started, problem=f"{type(exc).__name__}: {exc}"
-                )
-            await _quit(client)
-            return Outcome(
-                True,
-                replies.TRANSACTION_OK,
-                Stage.DONE,
-                response.code,
-                response.message,
-                duration=time.monotonic() - started,
-            )
-        finally:
+                await client.starttls()
+            if s.username:
+                stage = Stage.AUTH
+                await client.login(s.username, s.password)
+            elif client.is_ehlo_or_helo_needed:
+                await client.ehlo()  # so that SIZE and 8BITMIME are known before the first MAIL
+        except _SetupFailed:
             client.close()
+            raise
+        except (SMTPException, OSError, asyncio.IncompleteReadError, ssl.SSLError, ssl.CertificateError) as exc:
+            if isinstance(exc, SMTPResponseException) and client.is_connected:
+                await _quit(client)
+            client.close()
+            raise _SetupFailed(_classify(stage, exc)) from None
+        return client
 
-    @staticmethod
-    def _failed(
-        stage: Stage,
-        reply: str,
-        started: float,
+    async def deliver(self, mail_from: str, rcpt_tos: Sequence[str], content: bytes, eight_bit: bool) -> Outcome:
+        """Send one message; delivered only if every recipient and the end of data got a 2xx."""
+        started = time.monotonic()
+        fresh = False
+        while True:
+            try:
+                conn = await self.pool.acquire(fresh=fresh)
+            except _SetupFailed as failure:
+                return dataclasses.replace(failure.outcome, duration=time.monotonic() - started)
+            result = await self._transaction(conn, mail_from, rcpt_tos, content, eight_bit, retry_allowed=not fresh)
+            if result is _RETRY:
+                fresh = True
+                continue
+            assert isinstance(result, Outcome)
+            return dataclasses.replace(result, duration=time.monotonic() - started)
+
+    async def _transaction(
+        self,
+        conn: PooledConnection,
+        mail_from: str,
+        rcpt_tos: Sequence[str],
+        content: bytes,
+        eight_bit: bool,
         *,
-        code: int | None = None,
-        text: str = "",
-        problem: str = "",
-    ) -> Outcome:
-        return Outcome(False, reply, stage, code, text, problem, time.monotonic() - started)
+        retry_allowed: bool,
+    ) -> Outcome | object:
+        client = conn.client
+        stage = Stage.MAIL
+        try:
+            options = []
+            if client.supports_extension("size"):
+                options.append(f"SIZE={len(content)}")
+            if eight_bit and client.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")
+            await client.mail(mail_from, options=options)
+            stage = Stage.RCPT
+            for rcpt in rcpt_tos:
+                await client.rcpt(rcpt)
+            stage = Stage.DATA  # from here on the upstream may have the message: never resend
+            response = await client.data(content)
+        except SMTPResponseException as exc:
+            if exc.code == 421 or not client.is_connected:
+                # The upstream is closing this session.
+                self.pool.discard(conn)
+                if conn.reused and retry_allowed and stage is not Stage.DATA:
+                    return _RETRY
+            else:
+                # A verdict on this transaction; end it (RSET) so nothing half-done stays, and keep the session.
+                self.pool.release(conn, reusable=await _reset(client))
+            return _classify(stage, exc)
+        except (SMTPServerDisconnected, SMTPConnectError, OSError, asyncio.IncompleteReadError) as exc:
+            self.pool.discard(conn)
+            if conn.reused and retry_allowed and stage is not Stage.DATA:
+                return _RETRY
+            return _classify(stage, exc)
+        except (SMTPException, ssl.SSLError, ssl.CertificateError) as exc:
+            self.pool.discard(conn)
+            return _classify(stage, exc)
+        except BaseException:
+            self.pool.discard(conn)
+            raise
+        self.pool.release(conn, reusable=True)
+        return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message)
 
-    @staticmethod
-    def _rejected(stage: Stage, exc: SMTPResponseException, started: float, *, problem: str) -> Outcome:
+
+def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = "", problem: str = "") -> Outcome:
+    return Outcome(False, reply, stage, code, text, problem)
+
+
+def _classify(stage: Stage, exc: BaseException) -> Outcome:
+    """The outcome for an exception at `stage`: the upstream's own verdict, or a 451 for a transient fault."""
+    if isinstance(exc, SMTPRecipientRefused):
         reply = replies.upstream_reply(exc.code, exc.message)
-        return Outcome(False, reply, stage, exc.code, exc.message, problem, time.monotonic() - started)
+        return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused recipient {exc.recipient}")
+    if isinstance(exc, SMTPAuthenticationError):
+        # The relay's own credentials are wrong: not the client's fault, so it may retry later.
+        return _failed(
+            stage,
+            replies.UPSTREAM_AUTH_FAILED,
+            code=exc.code,
+            text=exc.message,
+            problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
+        )
+    if isinstance(exc, SMTPResponseException):
+        reply = replies.upstream_reply(exc.code, exc.message)
+        return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused at {stage.value}")
+    if isinstance(exc, SMTPTimeoutError):
+        return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
+    if isinstance(exc, SMTPServerDisconnected):
+        return _failed(stage, replies.UPSTREAM_CONNECTION_LOST, problem=f"disconnected: {exc}")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return _failed(stage, replies.UPSTREAM_TLS_FAILED, problem=f"TLS failed: {exc}")
+    if isinstance(exc, SMTPConnectError):
+        tls_cause = _ssl_cause(exc)
+        if tls_cause is not None:
+            return _failed(Stage.TLS, replies.UPSTREAM_TLS_FAILED, problem=f"TLS failed: {tls_cause}")
+        return _failed(stage, replies.UPSTREAM_UNAVAILABLE, problem=f"connect failed: {exc}")
+    if isinstance(exc, SMTPException):
+        return _failed(stage, replies.UPSTREAM_UNAVAILABLE, problem=f"{type(exc).__name__}: {exc}")
+    return _failed(stage, replies.UPSTREAM_CONNECTION_LOST, problem=f"{type(exc).__name__}: {exc}")
 
 
 def _ssl_cause(exc: BaseException) -> BaseException | None:
@@ -207,17 +264,21 @@ def _ssl_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-async def _abandon(client: aiosmtplib.SMTP) -> None:
-    """End a refused transaction politely so the upstream holds nothing half-done."""
+async def _reset(client: aiosmtplib.SMTP) -> bool:
+    """End a refused transaction so the upstream holds nothing half-done; True if the session is still usable."""
+    if not client.is_connected:
+        return False
     try:
-        await client.rset()
-    except (SMTPException, OSError):
-        return
-    await _quit(client)
+        response = await client.rset()
+    except (SMTPException, OSError, asyncio.IncompleteReadError):
+        return False
+    return response.code == 250
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
     try:
         await client.quit()
-    except (SMTPException, OSError):
+    except (SMTPException, OSError, asyncio.IncompleteReadError):
         pass
+    finally:
+        client.close()

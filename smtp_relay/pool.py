@@ -1,0 +1,142 @@
+"""A small pool of connected, TLS-protected and authenticated upstream sessions, reused between messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+# Module constants for now (candidates for settings): how many idle sessions are kept, how long one may sit idle,
+# how many messages one session carries before it is closed, and how long the health probe may take.
+POOL_SIZE = 8
+IDLE_SECONDS = 30.0
+MAX_MESSAGES_PER_CONNECTION = 100
+PROBE_TIMEOUT = 5.0
+QUIT_TIMEOUT = 2.0
+
+
+@dataclass(eq=False, slots=True)
+class PooledConnection:
+    """One upstream session and its history; `reused` is True once it was taken from the pool."""
+
+    client: aiosmtplib.SMTP
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    messages: int = 0
+    reused: bool = False
+    expiry: asyncio.TimerHandle | None = None
+
+
+class ConnectionPool:
+    """Idle upstream sessions, most recently used first.
+
+    `acquire` hands out an idle session after a health probe (RSET: it also ends any transaction state), or a
+    fresh one from `connect`; `release` puts a clean session back (or closes it when it is worn out or the pool is
+    full). Only idle sessions are held here: the number in use is bounded by the client connections.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[aiosmtplib.SMTP]],
+        *,
+        size: int = POOL_SIZE,
+        idle_seconds: float = IDLE_SECONDS,
+        max_messages: int = MAX_MESSAGES_PER_CONNECTION,
+        probe_timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        self._connect = connect
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self.max_messages = max_messages
+        self.probe_timeout = probe_timeout
+        self._idle: list[PooledConnection] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.opened = 0  # upstream connections opened so far (for tests and the benchmark)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self, *, fresh: bool = False) -> PooledConnection:
+        """A healthy session: a probed idle one unless `fresh`, else a new one (connect errors propagate)."""
+        while self._idle and not fresh and not self._closed:
+            conn = self._idle.pop()
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+                conn.expiry = None
+            if time.monotonic() - conn.last_used > self.idle_seconds or not conn.client.is_connected:
+                self._discard(conn)
+                continue
+            try:
+                response = await conn.client.rset(timeout=self.probe_timeout)
+            except (aiosmtplib.SMTPException, OSError, asyncio.IncompleteReadError):
+                self._discard(conn, polite=False)
+                continue
+            if response.code != 250:
+                self._discard(conn)
+                continue
+            conn.reused = True
+            return conn
+        client = await self._connect()
+        self.opened += 1
+        return PooledConnection(client)
+
+    def release(self, conn: PooledConnection, *, reusable: bool) -> None:
+        """Return a session whose last transaction is finished (delivered, or refused and reset); else close it."""
+        conn.messages += 1 if reusable else 0
+        conn.last_used = time.monotonic()
+        if (
+            not reusable
+            or self._closed
+            or not conn.client.is_connected
+            or conn.messages >= self.max_messages
+            or len(self._idle) >= self.size
+        ):
+            self._discard(conn, polite=reusable)
+            return
+        conn.expiry = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire, conn)
+        self._idle.append(conn)
+
+    def discard(self, conn: PooledConnection) -> None:
+        """Close a session that failed: no QUIT, it may be in any state."""
+        self._discard(conn, polite=False)
+
+    def _expire(self, conn: PooledConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+            conn.expiry = None
+            self._discard(conn)
+
+    def _discard(self, conn: PooledConnection, *, polite: bool = True) -> None:
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if polite and conn.client.is_connected:
+            task = asyncio.get_running_loop().create_task(_quit(conn.client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        else:
+            conn.client.close()
+
+    async def close(self) -> None:
+        """Say QUIT to every idle session (bounded) and refuse to keep any more."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=QUIT_TIMEOUT + 1)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.quit(timeout=QUIT_TIMEOUT)
+    except (aiosmtplib.SMTPException, OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        client.close()
