@@ -101,7 +101,9 @@ def test_upstream_without_starttls_is_not_sent_in_plain_text_451_and_error_logge
     assert code == 451, (stage, code, text)
     assert _no_message(sink)
     assert sink.mail_commands == [], "the relay fell back to plain text"
-    assert relay.wait_for_log("ERROR") is not None, relay.describe()
+    line = relay.wait_for_log("ERROR")
+    assert line is not None, relay.describe()
+    assert "tls" in line.lower(), line
 
 
 @pytest.mark.parametrize("case", ["untrusted_cert", "wrong_host_name", "implicit_untrusted"])
