@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from typing import Any, AnyStr, Protocol, cast
@@ -11,6 +12,8 @@ from typing import Any, AnyStr, Protocol, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtp_relay import logs, replies
+
+_TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
 
 class RelaySession(Session):
@@ -52,6 +55,7 @@ class RelaySMTP(SMTP):
         self._tracker = tracker
         self._raw_replies = False
         self._draining = False
+        self._last_reply = ""
         self._registered = False
 
     def _create_session(self) -> RelaySession:
@@ -107,6 +111,7 @@ class RelaySMTP(SMTP):
         """Add RFC 3463 codes to aiosmtpd's own replies, and close after a reply once draining."""
         if isinstance(status, str) and not self._raw_replies:
             status = replies.with_enhanced_code(status)
+            self._last_reply = status
         await super().push(status)
         if self._draining and not self.in_transaction:
             self._close_with(replies.SHUTTING_DOWN)
@@ -138,7 +143,29 @@ class RelaySMTP(SMTP):
                 return None, None
             return stripped[1:end], stripped[end + 1 :]
         address, rest = super()._getaddr(arg)
+        if address is None:
+            # RFC 5321 has no trailing dot in a domain, but clients send one; the parser refuses it, so strip it.
+            fixed = _TRAILING_DOT.sub("", arg, count=1)
+            if fixed != arg:
+                address, rest = super()._getaddr(fixed)
         return address, rest
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """A recipient the library refuses itself (malformed) must refuse the whole message, like a policy refusal."""
+        envelope = self.envelope
+        counts = (
+            (len(envelope.rcpt_tos), len(envelope.refused_recipients)) if isinstance(envelope, RelayEnvelope) else None
+        )
+        self._last_reply = ""
+        await super().smtp_RCPT(arg)
+        if (
+            isinstance(envelope, RelayEnvelope)
+            and envelope is self.envelope
+            and envelope.mail_from is not None
+            and counts == (len(envelope.rcpt_tos), len(envelope.refused_recipients))
+            and self._last_reply.startswith("5")
+        ):
+            envelope.refused_recipients.append(arg or "")
 
     def pause_idle_timeout(self) -> None:
         """While the upstream works on a message the client is waiting on us, not idle."""
