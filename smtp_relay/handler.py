@@ -179,7 +179,7 @@ class RelayHandler:
             cause = error.__cause__
             logs.event(logging.WARNING, "starttls.failed", reason=f"{type(cause).__name__}: {cause}")
         else:
-            logs.log.exception("internal.error", extra={"fields": {"reason": f"{type(error).__name__}"}})
+            logs.log.error("internal.error", exc_info=error, extra={"fields": {"reason": type(error).__name__}})
         return replies.INTERNAL_ERROR
 
     def _log_refusal(self, name: str, session: RelaySession, address: str, verdict: Verdict) -> None:

@@ -1,4 +1,4 @@
-"""An unexpected fault inside the relay is answered 451 4.3.0 (retry later), never 5xx, and logged with its traceback."""
+"""An unexpected fault inside the relay is answered 451 4.3.0 (retry later) and logged with its traceback."""
 
 from __future__ import annotations
 
