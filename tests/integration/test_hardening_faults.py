@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 from support.client import transaction
-from support.faults import FAULTS, STEPS, FaultUpstream, open_fds, record, settle, threads
+from support.faults import FAULTS, STEPS, FaultUpstream, Stored, open_fds, record, settle, threads
+from support.faults import _reset as reset
 
 UPSTREAM_AUTH = ("relay-up", "Up-Secret-77")
 TIMEOUT = 1.0
@@ -114,18 +115,14 @@ def test_upstream_commits_then_loses_the_reply_is_the_reported_duplicate_window(
 
     async def commit_then_reset(step, reader, writer):
         if step == "eod":
-            upstream.messages.append(
-                __import__("support.faults", fromlist=["Stored"]).Stored("x", [], f"X-Case: {marker}".encode(), True, None)
-            )
-            from support.faults import _reset
-
-            _reset(writer)
+            upstream.messages.append(Stored("x", [], f"X-Case: {marker}".encode(), True, None))
+            reset(writer)
             return True
         return await original_apply(step, reader, writer)
 
     upstream._apply = commit_then_reset
     try:
-        stage, code, text = _send(relay, marker)
+        _, code, text = _send(relay, marker)
     finally:
         upstream._apply = original_apply
     got = upstream.stored(marker.encode())

@@ -61,7 +61,9 @@ def test_sigkill_during_200_concurrent_sends_loses_nothing_acknowledged(stack, w
 
     # The restarted relay serves at once.
     probe = uuid.uuid4().hex
-    assert transaction(restarted.port, "sender@example.com", ["rcpt@example.com"], f"X-Case: {probe}\r\n\r\nx\r\n".encode())[1] == 250
+    body = f"X-Case: {probe}\r\n\r\nx\r\n".encode()
+    reply = transaction(restarted.port, "sender@example.com", ["rcpt@example.com"], body)
+    assert reply[1] == 250, reply
 
     time.sleep(0.5)  # let the sink finish anything it was committing
     at_sink: dict[str, int] = {}
