@@ -1,0 +1,590 @@
+"""`make bench`: smtp-relay vs a Postfix authenticated relay vs the direct-to-sink ceiling, side by side.
+
+Everything runs on 127.0.0.1 under a temporary directory: Postfix's `smtp-sink` counts what is delivered, stunnel
+puts implicit TLS in front of it, a private Postfix instance (own config/queue/data directories, Cyrus sasldb) is the
+relay an operator would otherwise deploy, and `smtp-relay` is started as a user runs it (the installed command with
+environment variables). The system mail configuration (/etc/postfix) is never touched.
+
+    python bench/run.py [--quick] [--repeats N]
+
+Exit status 1 if any message failed or was not delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+USER, PASSWORD = "bench", "bench-Secret-42"
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+# -- tools ------------------------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    """Install smtp-sink (postfix), saslpasswd2, the SASL modules and stunnel if missing (Debian)."""
+    needed = {
+        "/usr/sbin/smtp-sink": "postfix",
+        "/usr/sbin/postfix": "postfix",
+        "/usr/sbin/saslpasswd2": "sasl2-bin",
+        "/usr/bin/stunnel4": "stunnel4",
+    }
+    missing = sorted({pkg for path, pkg in needed.items() if not Path(path).exists()})
+    if not Path("/usr/lib/x86_64-linux-gnu/sasl2").exists() and not list(Path("/usr/lib").glob("*/sasl2")):
+        missing.append("libsasl2-modules")
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (apt-get)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(
+        [*sudo, "debconf-set-selections"],
+        input=b"postfix postfix/main_mailer_type select No configuration\n",
+        check=True,
+    )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of a process (plus its reaped children when asked)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK
+
+
+def tree_cpu(root: int) -> float:
+    """CPU of a process, its reaped children, and its live children (Postfix's master and its daemons)."""
+    total = proc_cpu(root, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+            if int(rest[1]) == root:
+                total += proc_cpu(int(stat.parent.name))
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# -- the pieces -------------------------------------------------------------------------------------------------
+
+
+class Sink:
+    """smtp-sink with running counters (-c): `delivered` is its count of messages received."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.out = workdir / "sink.out"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/smtp-sink", *user, "-c", f"127.0.0.1:{self.port}", "2048"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_port(self.port)
+
+    def counters(self) -> tuple[int, int]:
+        """(sessions, messages) so far."""
+        tail = self.out.read_bytes()[-200:].split(b"\r")
+        for chunk in reversed(tail):
+            parts = dict(p.split(b"=", 1) for p in chunk.split() if b"=" in p)
+            if b"mesg" in parts and b"sess" in parts:
+                return int(parts[b"sess"]), int(parts[b"mesg"])
+        return 0, 0
+
+    @property
+    def delivered(self) -> int:
+        return self.counters()[1]
+
+
+class Stunnel:
+    """Implicit TLS on `port` in front of the sink, with a trustme certificate for 127.0.0.1."""
+
+    def __init__(self, workdir: Path, sink_port: int, cert: Path, key: Path) -> None:
+        self.port = free_port()
+        conf = workdir / "stunnel.conf"
+        conf.write_text(
+            f"foreground = yes\npid =\nsyslog = no\noutput = {workdir / 'stunnel.log'}\ndebug = 3\n"
+            f"[smtps]\naccept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{sink_port}\n"
+            f"cert = {cert}\nkey = {key}\n"
+        )
+        self.proc = subprocess.Popen(
+            ["/usr/bin/stunnel4", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.port)
+
+
+def relay_command() -> list[str]:
+    installed = Path(sys.executable).parent / "smtp-relay"
+    if installed.exists():
+        return [str(installed)]
+    found = shutil.which("smtp-relay")
+    return [found] if found else [sys.executable, "-m", "smtp_relay"]
+
+
+class Relay:
+    """The smtp-relay command with AUTH and allowlists on, as a user runs it."""
+
+    def __init__(self, workdir: Path, name: str, upstream_port: int, **env: str) -> None:
+        self.port = free_port()
+        full = dict(
+            os.environ,
+            LISTEN_HOST="127.0.0.1",
+            LISTEN_PORT=str(self.port),
+            RELAY_HOST="127.0.0.1",
+            RELAY_PORT=str(upstream_port),
+            RELAY_USE_TLS="false",
+            SMTP_AUTH_USERNAME=USER,
+            SMTP_AUTH_PASSWORD=PASSWORD,
+            ALLOWED_FROM_DOMAINS="example.com",
+            ALLOWED_TO_DOMAINS="example.com",
+            MAX_CONNECTIONS="600",
+            LOG_FILE="",
+            **env,
+        )
+        with open(workdir / f"relay-{name}.log", "wb") as out:
+            self.proc = subprocess.Popen(
+                relay_command(), env=full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        wait_port(self.port)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid)
+
+
+MASTER_CF = """\
+{listen} inet n - n - 200 smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance: SASL-authenticated submission, sender/recipient allowlists, relayhost = sink."""
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.port = free_port()
+        self.dir = workdir / "postfix"
+        # Debian's Postfix reads <config_directory>/sasl/smtpd.conf: keep cyrus_sasl_config_path pointing there.
+        conf, queue, data, sasl = (self.dir / d for d in ("etc", "queue", "data", "etc/sasl"))
+        for d in (conf, queue, data, sasl):
+            d.mkdir(parents=True)
+        shutil.chown(data, "postfix", "postfix")
+        sasldb = sasl / "sasldb2"
+        subprocess.run(
+            ["/usr/sbin/saslpasswd2", "-c", "-p", "-f", str(sasldb), "-u", "bench.localdomain", USER],
+            input=PASSWORD.encode(),
+            check=True,
+        )
+        shutil.chown(sasldb, "postfix", "postfix")
+        os.chmod(sasldb, 0o600)
+        (sasl / "smtpd.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {sasldb}\nmech_list: PLAIN LOGIN\n"
+        )
+        (conf / "main.cf").write_text(
+            f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+meta_directory = /etc/postfix
+maillog_file_prefixes = {self.dir}
+maillog_file = {self.dir / "maillog"}
+myhostname = bench.localdomain
+mydomain = localdomain
+myorigin = $myhostname
+mydestination =
+mynetworks = 127.0.0.1/32
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+relayhost = [127.0.0.1]:{sink_port}
+biff = no
+append_dot_mydomain = no
+smtputf8_enable = no
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+smtpd_sasl_local_domain = bench.localdomain
+cyrus_sasl_config_path = {sasl}
+smtpd_sasl_security_options = noanonymous
+broken_sasl_auth_clients = no
+smtpd_client_restrictions =
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_sender_restrictions = check_sender_access inline:{{ example.com=OK }}, reject
+smtpd_recipient_restrictions = check_recipient_access inline:{{ example.com=OK }}, reject
+smtp_tls_security_level = none
+message_size_limit = 26214400
+default_process_limit = 200
+"""
+        )
+        (conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        self.conf = conf
+        subprocess.run(["/usr/sbin/postfix", "-c", str(conf), "start"], check=True, capture_output=True)
+        wait_port(self.port)
+        self.master = int((queue / "pid" / "master.pid").read_text().split()[0])
+
+    def cpu(self) -> float:
+        return tree_cpu(self.master)
+
+    def stop(self) -> None:
+        subprocess.run(["/usr/sbin/postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
+
+
+# -- measurements -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    name: str
+    size: int
+    conns: int
+    per_conn: int
+    rounds: int
+    targets: tuple[str, ...]
+
+
+@dataclass
+class Sample:
+    rate: float
+    p50: float
+    p99: float
+    cpu_ms: float
+    gen_cpu_ms: float
+    upstream_sessions: int
+
+
+@dataclass
+class Row:
+    samples: list[Sample] = field(default_factory=list)
+
+
+def run_load(port: int, sc: Scenario, auth: bool, sink: Sink, cpu_of: callable) -> Sample:  # type: ignore[valid-type]
+    expected = sc.conns * sc.per_conn * sc.rounds
+    sess0, before = sink.counters()
+    cpu0 = cpu_of()
+    cmd = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--port",
+        str(port),
+        "--size",
+        str(sc.size),
+        "--conns",
+        str(sc.conns),
+        "--per-conn",
+        str(sc.per_conn),
+        "--rounds",
+        str(sc.rounds),
+    ]
+    if auth:
+        cmd += ["--user", USER, "--password", PASSWORD]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = json.loads(done.stdout or "{}") if done.stdout.strip() else {}
+    if done.returncode != 0:
+        raise SystemExit(f"load generator failed on {sc.name}: {result.get('errors') or done.stderr[-2000:]}")
+    exited = time.monotonic()
+    deadline = exited + 120
+    while sink.delivered - before < expected and time.monotonic() < deadline:
+        time.sleep(0.005)
+    finished = time.monotonic()
+    delivered = sink.delivered - before
+    cpu1 = cpu_of()
+    if delivered < expected:
+        raise SystemExit(f"{sc.name}: only {delivered} of {expected} messages were delivered to the sink")
+    # Delivered rate: the generator's own sending time plus however long delivery lagged behind its exit.
+    elapsed = result["elapsed"] + (finished - exited)
+    return Sample(
+        rate=expected / elapsed,
+        p50=result["p50_ms"],
+        p99=result["p99_ms"],
+        cpu_ms=(cpu1 - cpu0) * 1000 / expected,
+        gen_cpu_ms=result["cpu_s"] * 1000 / expected,
+        upstream_sessions=sink.counters()[0] - sess0,
+    )
+
+
+def fmt_range(values: list[float], digits: int = 0) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def memory(relay: Relay, quick: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        return _memory(relay, quick, out)
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(timeout=15)
+
+
+def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
+    pid = relay.proc.pid
+    idle_n = 100 if quick else 500
+    time.sleep(0.5)
+    base = rss_kb(pid)
+    gen = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            "--port",
+            str(relay.port),
+            "--user",
+            USER,
+            "--password",
+            PASSWORD,
+            "--conns",
+            str(idle_n),
+            "--per-conn",
+            "0",
+            "--hold",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    held = rss_kb(pid)
+    gen.wait(timeout=60)
+    out["idle"] = f"{(held - base) / idle_n:.1f} KB per idle authenticated connection ({idle_n} open)"
+    # Peak RSS while 20 concurrent 10 MB messages are relayed.
+    n, size = (5, 10_000_000) if quick else (20, 10_000_000)
+    time.sleep(0.5)
+    base = rss_kb(pid)
+    peak = base
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                peak = max(peak, rss_kb(pid))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            "--port",
+            str(relay.port),
+            "--user",
+            USER,
+            "--password",
+            PASSWORD,
+            "--conns",
+            str(n),
+            "--per-conn",
+            "1",
+            "--rounds",
+            "1",
+            "--size",
+            str(size),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    stop.set()
+    t.join()
+    if done.returncode != 0:
+        raise SystemExit(f"large-message run failed: {done.stdout} {done.stderr[-1000:]}")
+    out["large"] = f"+{(peak - base) / 1024:.0f} MB peak RSS while {n} concurrent 10 MB messages are relayed"
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer messages and one repeat (about a minute)")
+    ap.add_argument("--repeats", type=int, default=0, help="repeats per scenario (default 3, --quick 1)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    k = 1 if args.quick else 3  # rounds multiplier
+    if os.geteuid() != 0:
+        log("note: the private Postfix instance needs root; run as root (e.g. in the CI container)")
+    ensure_tools()
+    import trustme  # test extra, installed by `make install`
+
+    workdir = Path(tempfile.mkdtemp(prefix="smtp-relay-bench-"))
+    os.chmod(workdir, 0o755)  # noqa: S103 (Postfix daemons and smtp-sink run as other users)
+    procs: list[subprocess.Popen[bytes]] = []
+    postfix: Postfix | None = None
+    failed = False
+    try:
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert_pem, key_pem, ca_pem = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+        cert_pem.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key_pem))
+        ca.cert_pem.write_to_path(str(ca_pem))
+        sink = Sink(workdir)
+        procs.append(sink.proc)
+        tunnel = Stunnel(workdir, sink.port, cert_pem, key_pem)
+        procs.append(tunnel.proc)
+        relay = Relay(workdir, "plain", sink.port)
+        procs.append(relay.proc)
+        relay_tls = Relay(
+            workdir,
+            "tls",
+            tunnel.port,
+            RELAY_USE_SSL="true",
+            RELAY_TLS_CA_FILE=str(ca_pem),
+        )
+        procs.append(relay_tls.proc)
+        postfix = Postfix(workdir, sink.port)
+        log(
+            f"workdir {workdir}; sink :{sink.port}, stunnel :{tunnel.port}, relay :{relay.port}, postfix :{postfix.port}"
+        )
+
+        targets = {
+            "ceiling": (sink.port, False, lambda: proc_cpu(sink.proc.pid)),
+            "smtp-relay": (relay.port, True, relay.cpu),
+            "postfix": (postfix.port, True, postfix.cpu),
+            "smtp-relay, TLS upstream": (relay_tls.port, True, relay_tls.cpu),
+        }
+        scenarios = [
+            Scenario("1 KB, 10/conn, 10 conns", 1024, 10, 10, 20 * k, ("ceiling", "smtp-relay", "postfix")),
+            Scenario("1 KB, 1/conn, 50 conns", 1024, 50, 1, 10 * k, ("ceiling", "smtp-relay", "postfix")),
+            Scenario("100 KB, 10/conn, 10 conns", 100_000, 10, 10, 3 * k, ("ceiling", "smtp-relay", "postfix")),
+            Scenario(
+                "1 KB, 10/conn, 10 conns, upstream", 1024, 10, 10, 20 * k, ("smtp-relay", "smtp-relay, TLS upstream")
+            ),
+        ]
+        # Warm-up (imports, TLS contexts, Postfix's processes) outside the measurements.
+        warm = Scenario("warm-up", 1024, 5, 2, 1, ())
+        for name in ("smtp-relay", "postfix", "smtp-relay, TLS upstream"):
+            port, auth, cpu_of = targets[name]
+            run_load(port, warm, auth, sink, cpu_of)
+        results: dict[tuple[str, str], Row] = {}
+        for rep in range(repeats):
+            for sc in scenarios:
+                for name in sc.targets:
+                    port, auth, cpu_of = targets[name]
+                    sample = run_load(port, sc, auth, sink, cpu_of)
+                    results.setdefault((sc.name, name), Row()).samples.append(sample)
+                    log(f"rep {rep + 1}/{repeats} {sc.name} / {name}: {sample.rate:.0f} msg/s p99 {sample.p99:.1f} ms")
+        # Memory on a fresh relay process, so that heap left over from the runs above does not hide the cost.
+        mem = memory(Relay(workdir, "memory", sink.port), args.quick)
+        print_report(scenarios, results, mem, repeats)
+    except SystemExit as exc:
+        log(f"FAILED: {exc}")
+        failed = True
+    finally:
+        if postfix is not None:
+            postfix.stop()
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def print_report(
+    scenarios: list[Scenario], results: dict[tuple[str, str], Row], mem: dict[str, str], reps: int
+) -> None:
+    print(f"\nmedian (min-max) of {reps} interleaved run(s); CPU = ms of CPU per message in the system under test")
+    print("(ceiling: smtp-sink itself), gen = the load generator's CPU per message; up = upstream sessions opened\n")
+    header = "| scenario | target | msgs/s | p50 ms | p99 ms | CPU ms/msg | gen ms/msg | up |"
+    print(header)
+    print("|---|---|---|---|---|---|---|---|")
+    for sc in scenarios:
+        for name in sc.targets:
+            s = results[(sc.name, name)].samples
+            print(
+                f"| {sc.name} | {name} | {fmt_range([x.rate for x in s])} | {fmt_range([x.p50 for x in s], 1)} "
+                f"| {fmt_range([x.p99 for x in s], 1)} | {fmt_range([x.cpu_ms for x in s], 2)} "
+                f"| {fmt_range([x.gen_cpu_ms for x in s], 2)} | {s[-1].upstream_sessions} |"
+            )
+
+    def med(sc: str, name: str, attr: str = "rate") -> float:
+        return statistics.median(getattr(x, attr) for x in results[(sc, name)].samples)
+
+    print("\nratios (medians):")
+    for sc in scenarios[:3]:
+        print(
+            f"- {sc.name}: smtp-relay / postfix = {med(sc.name, 'smtp-relay') / med(sc.name, 'postfix'):.2f}x, "
+            f"smtp-relay / ceiling = {med(sc.name, 'smtp-relay') / med(sc.name, 'ceiling'):.2f}x, "
+            f"p99 smtp-relay / postfix = {med(sc.name, 'smtp-relay', 'p99') / med(sc.name, 'postfix', 'p99'):.2f}x"
+        )
+    up = scenarios[3].name
+    print(f"- TLS upstream / plain upstream = {med(up, 'smtp-relay, TLS upstream') / med(up, 'smtp-relay'):.2f}x")
+    print("\nmemory (smtp-relay):")
+    for line in mem.values():
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
