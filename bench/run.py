@@ -500,7 +500,8 @@ def main() -> int:
         procs.append(relay_tls.proc)
         postfix = Postfix(workdir, sink.port)
         log(
-            f"workdir {workdir}; sink :{sink.port}, stunnel :{tunnel.port}, relay :{relay.port}, postfix :{postfix.port}"
+            f"workdir {workdir}; sink :{sink.port}, stunnel :{tunnel.port}, relay :{relay.port}, "
+            f"postfix :{postfix.port}"
         )
 
         targets = {
