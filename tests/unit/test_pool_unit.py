@@ -1,0 +1,113 @@
+"""ConnectionPool without sockets: probe before reuse, idle expiry, message cap, size cap, close."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from smtp_relay.pool import ConnectionPool
+
+
+class FakeClient:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.is_connected = True
+        self.rsets = 0
+        self.quits = 0
+        self.probe_fails = False
+
+    async def rset(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109
+        self.rsets += 1
+        if self.probe_fails:
+            self.is_connected = False
+            raise aiosmtplib.SMTPServerDisconnected("gone")
+        return SMTPResponse(250, "OK")
+
+    async def quit(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109
+        self.quits += 1
+        self.is_connected = False
+        return SMTPResponse(221, "bye")
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+def make_pool(**kw) -> tuple[ConnectionPool, list[FakeClient]]:
+    made: list[FakeClient] = []
+
+    async def connect() -> FakeClient:
+        made.append(FakeClient(len(made)))
+        return made[-1]
+
+    return ConnectionPool(connect, **kw), made  # type: ignore[arg-type]
+
+
+def test_released_session_is_probed_with_rset_and_reused():
+    async def main() -> None:
+        pool, made = make_pool()
+        conn = await pool.acquire()
+        pool.release(conn, reusable=True)
+        again = await pool.acquire()
+        assert again.client is conn.client and again.reused
+        assert made[0].rsets == 1 and pool.opened == 1
+
+    asyncio.run(main())
+
+
+def test_session_failing_its_probe_is_replaced_by_a_fresh_one():
+    async def main() -> None:
+        pool, made = make_pool()
+        conn = await pool.acquire()
+        pool.release(conn, reusable=True)
+        made[0].probe_fails = True
+        again = await pool.acquire()
+        assert again.client is made[1] and not again.reused
+
+    asyncio.run(main())
+
+
+def test_idle_session_expires_and_is_quit():
+    async def main() -> None:
+        pool, made = make_pool(idle_seconds=0.05)
+        pool.release(await pool.acquire(), reusable=True)
+        await asyncio.sleep(0.2)
+        assert pool.idle == 0 and made[0].quits == 1
+        assert (await pool.acquire()).client is made[1]
+
+    asyncio.run(main())
+
+
+def test_session_is_closed_after_max_messages_and_pool_size_is_bounded():
+    async def main() -> None:
+        pool, made = make_pool(max_messages=2, size=1)
+        conn = await pool.acquire()
+        pool.release(conn, reusable=True)
+        conn = await pool.acquire()
+        pool.release(conn, reusable=True)  # second message: worn out
+        await asyncio.sleep(0)
+        assert pool.idle == 0 and made[0].quits == 1
+        a, b = await pool.acquire(), await pool.acquire()
+        pool.release(a, reusable=True)
+        pool.release(b, reusable=True)  # over the size: closed
+        await asyncio.sleep(0)
+        assert pool.idle == 1
+
+    asyncio.run(main())
+
+
+def test_unusable_session_is_closed_not_pooled_and_close_quits_idle_sessions():
+    async def main() -> None:
+        pool, made = make_pool()
+        a, b = await pool.acquire(), await pool.acquire()
+        pool.release(a, reusable=False)
+        assert not made[0].is_connected and made[0].quits == 0
+        pool.release(b, reusable=True)
+        await pool.close()
+        assert made[1].quits == 1 and pool.idle == 0
+        c = await pool.acquire()
+        pool.release(c, reusable=True)
+        assert pool.idle == 0, "a closed pool keeps nothing"
+
+    asyncio.run(main())
