@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -17,10 +18,16 @@ log = logging.getLogger("smtp_relay")
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+# Printable ASCII but for the quote, backslash and equals sign: such values are written as they are.
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
+
+
 def escape(value: object) -> str:
     """Render a value so it can never break out of its field or start a new log line."""
+    if type(value) is int:
+        return str(value)
     text = value if isinstance(value, str) else str(value)
-    if text and all(33 <= ord(ch) < 127 and ch not in '"\\=' for ch in text):
+    if _PLAIN.fullmatch(text):
         return text
     out = []
     for ch in text:
@@ -44,14 +51,23 @@ def peer_text(peer: object) -> str:
 
 
 def event(level: int, name: str, /, **fields: object) -> None:
-    """Log one event; the fields are formatted only if the level is enabled."""
+    """Log one event; the fields are formatted only if the level is enabled.
+
+    The record is made directly: Logger.log() would walk the stack for a caller nobody prints.
+    """
     if log.isEnabledFor(level):
-        log.log(level, name, extra={"fields": fields})
+        log.handle(log.makeRecord(log.name, level, "", 0, name, (), None, extra={"fields": fields}))
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{base}.{int(record.msecs):03d}Z"
+    global _second
+    whole = int(record.created)
+    if _second[0] != whole:  # one strftime per second, not per line
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(record.msecs):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> tuple[dict[str, object], str]:
@@ -62,10 +78,25 @@ def _fields(record: logging.LogRecord) -> tuple[dict[str, object], str]:
     return fields, str(record.msg)
 
 
-class TextFormatter(logging.Formatter):
-    """`time level=... event=... key=value ...` with every value escaped."""
+class _FormatOnce(logging.Formatter):
+    """stdout and LOG_FILE share one formatting of each record."""
 
     def format(self, record: logging.LogRecord) -> str:
+        key = f"_line_{type(self).__name__}"
+        cached: str | None = record.__dict__.get(key)
+        if cached is None:
+            cached = self._format(record)
+            record.__dict__[key] = cached
+        return cached
+
+    def _format(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class TextFormatter(_FormatOnce):
+    """`time level=... event=... key=value ...` with every value escaped."""
+
+    def _format(self, record: logging.LogRecord) -> str:
         fields, name = _fields(record)
         parts = [_timestamp(record), f"level={record.levelname}", f"event={escape(name)}"]
         parts.extend(f"{key}={escape(value)}" for key, value in fields.items() if value is not None)
@@ -75,10 +106,10 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_FormatOnce):
     """One JSON object per line; json.dumps escapes control characters itself."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def _format(self, record: logging.LogRecord) -> str:
         fields, name = _fields(record)
         doc: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "event": name}
         for key, value in fields.items():
@@ -122,6 +153,10 @@ def setup(settings: Settings) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.log_level)
+    # Nobody prints thread, process or multiprocessing names: skip collecting them for every record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiosmtpd logs every command line at INFO, AUTH payloads included: never let it below WARNING.
     library = logging.getLogger("mail.log")
     library.setLevel(logging.WARNING)
