@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dev demo test lint typecheck bench clean
+.PHONY: install demo test lint bench report clean
 
 $(BIN)/smtp-relay: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+
+report: install
+	$(BIN)/python scripts/reliability_report.py
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from smtp_relay.config import variable_names
+
 from .net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,12 +22,8 @@ CLIENT_USER = "relayuser"
 CLIENT_PASSWORD = "S3cret-Pw-9f2e7c"
 
 # Every variable the relay reads; scrubbed from the inherited environment so the host cannot leak in.
-RELAY_VARIABLES = (
-    "SMTP_AUTH_USERNAME SMTP_AUTH_PASSWORD SMTP_AUTH_PASSWORD_FILE ALLOWED_FROM_DOMAINS ALLOWED_TO_DOMAINS "
-    "LISTEN_HOST LISTEN_PORT USE_TLS TLS_CERT_FILE TLS_KEY_FILE RELAY_HOST RELAY_PORT RELAY_USE_TLS "
-    "RELAY_USE_SSL RELAY_USERNAME RELAY_PASSWORD RELAY_PASSWORD_FILE RELAY_TLS_VERIFY RELAY_TLS_CA_FILE "
-    "MAX_CONNECTIONS TIMEOUT LOG_FILE LOG_LEVEL LOG_FORMAT MAX_MESSAGE_SIZE"
-).split()
+# Every variable the relay reads, from the code itself, so none leaks in from the inherited environment.
+RELAY_VARIABLES = frozenset(variable_names())
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
