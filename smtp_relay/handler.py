@@ -139,12 +139,14 @@ class RelayHandler:
                 reason="a recipient was refused",
             )
             return replies.MESSAGE_HAD_REFUSED_RECIPIENTS
-        assert envelope.mail_from is not None and envelope.original_content is not None
-        content = self._received_header(server, session) + envelope.original_content
+        assert envelope.mail_from is not None and envelope.body is not None
+        header = self._received_header(server, session)
         eight_bit = "BODY=8BITMIME" in envelope.mail_options
         server.pause_idle_timeout()
         try:
-            outcome = await self.upstream.deliver(envelope.mail_from, envelope.rcpt_tos, content, eight_bit)
+            outcome = await self.upstream.deliver(
+                envelope.mail_from, envelope.rcpt_tos, header, envelope.body, eight_bit
+            )
         except Exception:
             logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
             return replies.INTERNAL_ERROR
@@ -156,7 +158,7 @@ class RelayHandler:
             ids,
             sender=envelope.mail_from,
             recipients=len(envelope.rcpt_tos),
-            size=len(content),
+            size=len(header) + envelope.body.size,
             stage=outcome.stage.value,
             upstream_code=outcome.upstream_code,
             upstream_reply=outcome.upstream_text or None,

@@ -9,9 +9,10 @@ import secrets
 import time
 from typing import Any, AnyStr, Protocol, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from smtp_relay import logs, replies
+from smtp_relay.body import MessageBody, Refusal, receive
 
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
@@ -35,11 +36,15 @@ class RelaySession(Session):
 
 
 class RelayEnvelope(Envelope):
-    """aiosmtpd's envelope plus the recipients policy refused, which make the whole message refused."""
+    """aiosmtpd's envelope plus the recipients policy refused (they refuse the whole message) and the body.
+
+    `body` (the client's wire form, spooled) replaces aiosmtpd's `content`/`original_content`, which stay None.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.refused_recipients: list[str] = []
+        self.body: MessageBody | None = None
 
 
 class ConnectionTracker(Protocol):
@@ -166,6 +171,67 @@ class RelaySMTP(SMTP):
             and self._last_reply.startswith("5")
         ):
             envelope.refused_recipients.append(arg or "")
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, reading the body in large pieces into a spool instead of line by line into memory.
+
+        Same checks and replies as the library's: HELO and AUTH first, `503` without a recipient, `501` with an
+        argument, `354`; only <CR><LF>.<CR><LF> ends the data, and nothing after it is read (pipelined commands
+        stay for the next command); a body over the SIZE limit or with a line over 1001 bytes is read to its end,
+        then refused (`552 5.3.4` / `500 5.5.2`) without calling the hook. See `smtp_relay.body`.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
+        try:
+            try:
+                await receive(self._reader, body)
+            except asyncio.CancelledError:
+                # The connection was lost or timed out during DATA: aiosmtpd cancels this coroutine.
+                logs.event(logging.INFO, "data.aborted", **self._ids(), reason="connection lost")
+                self._writer.close()
+                raise
+            except asyncio.IncompleteReadError:
+                logs.event(logging.INFO, "data.aborted", **self._ids(), reason="end of stream")
+                self._writer.close()
+                return
+            if body.refusal is not None:
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push(self._refusal_reply(body))
+                return
+            envelope.body = body
+            status = await self._call_handler_hook("DATA")
+        finally:
+            envelope.body = None
+            body.close()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    def _refusal_reply(self, body: MessageBody) -> str:
+        if body.refusal is Refusal.TOO_BIG:
+            return replies.MESSAGE_TOO_BIG
+        if body.refusal is Refusal.LINE_TOO_LONG:
+            return replies.LINE_TOO_LONG
+        logs.event(logging.ERROR, "data.spool_failed", **self._ids(), reason=str(body.spool_error))
+        return replies.INTERNAL_ERROR
+
+    def _ids(self) -> dict[str, str | None]:
+        session = self.session
+        if not isinstance(session, RelaySession):
+            return {}
+        return {"session": session.id, "peer": session.peer_text, "user": session.user}
 
     def pause_idle_timeout(self) -> None:
         """While the upstream works on a message the client is waiting on us, not idle."""

@@ -15,14 +15,17 @@ import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPConnectError,
+    SMTPDataError,
     SMTPException,
     SMTPRecipientRefused,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
 
 from smtp_relay import replies
+from smtp_relay.body import MessageBody
 from smtp_relay.pool import ConnectionPool, PooledConnection
 
 
@@ -153,8 +156,11 @@ class Upstream:
             raise _SetupFailed(_classify(stage, exc)) from None
         return client
 
-    async def deliver(self, mail_from: str, rcpt_tos: Sequence[str], content: bytes, eight_bit: bool) -> Outcome:
-        """Send one message; delivered only if every recipient and the end of data got a 2xx."""
+    async def deliver(
+        self, mail_from: str, rcpt_tos: Sequence[str], header: bytes, body: MessageBody, eight_bit: bool
+    ) -> Outcome:
+        """Send one message (`header`, then the body); delivered only if every recipient and the end of data got
+        a 2xx. `header` is whole CRLF lines, none starting with a dot."""
         started = time.monotonic()
         fresh = False
         while True:
@@ -162,7 +168,9 @@ class Upstream:
                 conn = await self.pool.acquire(fresh=fresh)
             except _SetupFailed as failure:
                 return dataclasses.replace(failure.outcome, duration=time.monotonic() - started)
-            result = await self._transaction(conn, mail_from, rcpt_tos, content, eight_bit, retry_allowed=not fresh)
+            result = await self._transaction(
+                conn, mail_from, rcpt_tos, header, body, eight_bit, retry_allowed=not fresh
+            )
             if result is _RETRY:
                 fresh = True
                 continue
@@ -174,7 +182,8 @@ class Upstream:
         conn: PooledConnection,
         mail_from: str,
         rcpt_tos: Sequence[str],
-        content: bytes,
+        header: bytes,
+        body: MessageBody,
         eight_bit: bool,
         *,
         retry_allowed: bool,
@@ -184,7 +193,7 @@ class Upstream:
         try:
             options = []
             if client.supports_extension("size"):
-                options.append(f"SIZE={len(content)}")
+                options.append(f"SIZE={len(header) + body.content_size}")
             if eight_bit and client.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
             await client.mail(mail_from, options=options)
@@ -192,7 +201,7 @@ class Upstream:
             for rcpt in rcpt_tos:
                 await client.rcpt(rcpt)
             stage = Stage.DATA  # from here on the upstream may have the message: never resend
-            response = await client.data(content)
+            response = await _send_data(client, header, body, self.settings.timeout)
         except SMTPResponseException as exc:
             if exc.code == 421 or not client.is_connected:
                 # The upstream is closing this session.
@@ -216,6 +225,40 @@ class Upstream:
             raise
         self.pool.release(conn, reusable=True)
         return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message)
+
+
+async def _send_data(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:
+    """DATA, then the message as the client sent it, streamed chunk by chunk, then ".<CR><LF>"; the final reply.
+
+    What `aiosmtplib.SMTP.data()` does, without its in-memory copies: the body is already CRLF-only and
+    dot-stuffed (`MessageBody.chunks()` rewrites it if not), so it is written as is, waiting for the socket to
+    drain (bounded by `seconds`). A timeout or a lost connection closes the session, as in `data()`.
+    """
+    protocol = client.protocol
+    if protocol is None:
+        raise SMTPServerDisconnected("Connection lost")
+    try:
+        start = await protocol.execute_command(b"DATA", timeout=seconds)
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        # From here a reply (an early refusal, or the final one) is expected: aiosmtplib keeps it, not drops it.
+        protocol._response_pending = True
+        protocol.write(header)
+        for chunk in body.chunks():
+            protocol.write(chunk)
+            if protocol._paused:  # the transport's buffer is full: wait until it drains
+                try:
+                    await asyncio.wait_for(protocol._drain_helper(), seconds)
+                except TimeoutError:
+                    raise SMTPTimeoutError("Timed out sending the message") from None
+        protocol.write(b".\r\n")
+        response = await protocol.read_response(timeout=seconds)
+    except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
+        client.close()
+        raise
+    if response.code != 250:
+        raise SMTPDataError(response.code, response.message)
+    return response
 
 
 def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = "", problem: str = "") -> Outcome:
