@@ -130,8 +130,8 @@ class Upstream:
         try:
             await client.connect()
             if s.tls_mode == "starttls":
-                stage = Stage.TLS
                 await client.ehlo()
+                stage = Stage.TLS
                 if not client.supports_extension("starttls"):
                     raise _SetupFailed(
                         _failed(
@@ -282,6 +282,9 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, SMTPResponseException):
         reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused at {stage.value}")
+    if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):
+        # A handshake the upstream aborts (say, it offers only TLS 1.1) reaches us as a plain disconnect.
+        return _failed(stage, replies.UPSTREAM_TLS_FAILED, problem=f"TLS handshake failed: {exc}")
     if isinstance(exc, SMTPTimeoutError):
         return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
     if isinstance(exc, SMTPServerDisconnected):
