@@ -242,6 +242,13 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self._reset_timeout()
 
+    def _timeout_cb(self) -> None:
+        """Say why before hanging up on an idle client (aiosmtpd just closes), and log it."""
+        session = self.session
+        if isinstance(session, RelaySession):
+            logs.event(logging.INFO, "timeout", session=session.id, peer=session.peer_text, user=session.user)
+        self._close_with(replies.IDLE_TIMEOUT)
+
     def begin_shutdown(self) -> None:
         """Close now if idle; otherwise let the transaction finish and close after its reply."""
         self._draining = True
