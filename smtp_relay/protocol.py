@@ -14,6 +14,8 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody, Refusal, receive
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
 
@@ -138,6 +140,11 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Show source routes and `<>` to policy: the library drops `@hop:` silently and answers `<>` with 501."""
+        simple = _SIMPLE_ANGLE_ADDR.match(arg)
+        if simple is not None:
+            # The common case, `<dot-atom@host.name>`, parses to itself: skip the email header parser, which
+            # costs about a fifth of the relay's CPU per message otherwise.
+            return simple.group(1), simple.group(2).lstrip()
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             # The null sender: handed to policy (which refuses it, with a log line) instead of a bare 501.
