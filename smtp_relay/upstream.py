@@ -71,6 +71,10 @@ class UpstreamSettings:
     local_hostname: str
 
 
+# Message bytes are handed to the transport in pieces of about this size.
+WRITE_BATCH = 256 * 1024
+
+
 def client_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     """TLS 1.2+ client context with system CAs (plus an extra bundle); built once at start-up."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -243,15 +247,23 @@ async def _send_data(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
             raise SMTPDataError(start.code, start.message)
         # From here a reply (an early refusal, or the final one) is expected: aiosmtplib keeps it, not drops it.
         protocol._response_pending = True
-        protocol.write(header)
+        # Small pieces are joined: one write (one system call) carries a whole small message and its end.
+        batch = [header]
+        batched = len(header)
         for chunk in body.chunks():
-            protocol.write(chunk)
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched < WRITE_BATCH:
+                continue
+            protocol.write(b"".join(batch))
+            batch, batched = [], 0
             if protocol._paused:  # the transport's buffer is full: wait until it drains
                 try:
                     await asyncio.wait_for(protocol._drain_helper(), seconds)
                 except TimeoutError:
                     raise SMTPTimeoutError("Timed out sending the message") from None
-        protocol.write(b".\r\n")
+        batch.append(b".\r\n")
+        protocol.write(b"".join(batch))
         response = await protocol.read_response(timeout=seconds)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
         client.close()
