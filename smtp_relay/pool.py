@@ -12,10 +12,13 @@ import aiosmtplib
 
 # Module constants for now (candidates for settings): how many idle sessions are kept, how long one may sit idle,
 # how many messages one session carries before it is closed, and how long the health probe may take.
-POOL_SIZE = 8
+POOL_SIZE = 16
 IDLE_SECONDS = 30.0
 MAX_MESSAGES_PER_CONNECTION = 100
 PROBE_TIMEOUT = 5.0
+# A session used less than this long ago is not probed: it was just healthy, and if it broke since, the failure
+# comes before the end of data and the message is retried once on a fresh session anyway.
+PROBE_AFTER_IDLE = 1.0
 QUIT_TIMEOUT = 2.0
 
 
@@ -34,7 +37,7 @@ class PooledConnection:
 class ConnectionPool:
     """Idle upstream sessions, most recently used first.
 
-    `acquire` hands out an idle session after a health probe (RSET: it also ends any transaction state), or a
+    `acquire` hands out an idle session, after a health probe (RSET) if it sat idle for a while, or a
     fresh one from `connect`; `release` puts a clean session back (or closes it when it is worn out or the pool is
     full). Only idle sessions are held here: the number in use is bounded by the client connections.
     """
@@ -47,12 +50,14 @@ class ConnectionPool:
         idle_seconds: float = IDLE_SECONDS,
         max_messages: int = MAX_MESSAGES_PER_CONNECTION,
         probe_timeout: float = PROBE_TIMEOUT,
+        probe_after: float = PROBE_AFTER_IDLE,
     ) -> None:
         self._connect = connect
         self.size = size
         self.idle_seconds = idle_seconds
         self.max_messages = max_messages
         self.probe_timeout = probe_timeout
+        self.probe_after = probe_after
         self._idle: list[PooledConnection] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -69,9 +74,13 @@ class ConnectionPool:
             if conn.expiry is not None:
                 conn.expiry.cancel()
                 conn.expiry = None
-            if time.monotonic() - conn.last_used > self.idle_seconds or not conn.client.is_connected:
+            idle_for = time.monotonic() - conn.last_used
+            if idle_for > self.idle_seconds or not conn.client.is_connected:
                 self._discard(conn)
                 continue
+            if idle_for < self.probe_after:
+                conn.reused = True
+                return conn
             try:
                 response = await conn.client.rset(timeout=self.probe_timeout)
             except (aiosmtplib.SMTPException, OSError, asyncio.IncompleteReadError):

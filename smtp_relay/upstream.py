@@ -102,7 +102,7 @@ class Upstream:
     """Delivers envelopes over pooled upstream sessions; holds the TLS context and settings made once.
 
     A session is opened (connect, STARTTLS or implicit TLS, AUTH) once and carries up to
-    `pool.MAX_MESSAGES_PER_CONNECTION` messages; before each reuse it is probed with RSET. If a reused session
+    `pool.MAX_MESSAGES_PER_CONNECTION` messages; after sitting idle it is probed with RSET. If a reused session
     breaks before the DATA command was sent, the message is tried once more on a fresh session; once DATA was sent
     it is never resent (the upstream may have it), the client gets a 451 and retries itself.
     """

@@ -46,7 +46,7 @@ def make_pool(**kw) -> tuple[ConnectionPool, list[FakeClient]]:
 
 def test_released_session_is_probed_with_rset_and_reused():
     async def main() -> None:
-        pool, made = make_pool()
+        pool, made = make_pool(probe_after=0)
         conn = await pool.acquire()
         pool.release(conn, reusable=True)
         again = await pool.acquire()
@@ -58,12 +58,25 @@ def test_released_session_is_probed_with_rset_and_reused():
 
 def test_session_failing_its_probe_is_replaced_by_a_fresh_one():
     async def main() -> None:
-        pool, made = make_pool()
+        pool, made = make_pool(probe_after=0)
         conn = await pool.acquire()
         pool.release(conn, reusable=True)
         made[0].probe_fails = True
         again = await pool.acquire()
         assert again.client is made[1] and not again.reused
+
+    asyncio.run(main())
+
+
+def test_session_reused_right_away_is_not_probed_but_one_idle_for_a_while_is():
+    async def main() -> None:
+        pool, made = make_pool(probe_after=0.05)
+        pool.release(await pool.acquire(), reusable=True)
+        again = await pool.acquire()
+        assert again.reused and made[0].rsets == 0
+        pool.release(again, reusable=True)
+        await asyncio.sleep(0.1)
+        assert (await pool.acquire()).client is made[0] and made[0].rsets == 1
 
     asyncio.run(main())
 
