@@ -14,7 +14,7 @@ import aiosmtplib
 # how many messages one session carries before it is closed, and how long the health probe may take.
 POOL_SIZE = 16
 IDLE_SECONDS = 30.0
-MAX_MESSAGES_PER_CONNECTION = 100
+MAX_MESSAGES_PER_CONNECTION = 1000
 PROBE_TIMEOUT = 5.0
 # A session used less than this long ago is not probed: it was just healthy, and if it broke since, the failure
 # comes before the end of data and the message is retried once on a fresh session anyway.
