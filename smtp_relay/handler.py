@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 from email.utils import formatdate
@@ -16,7 +15,7 @@ from smtp_relay.auth import peer_address
 from smtp_relay.lockout import LoginThrottle
 from smtp_relay.policy import Decision, RelayPolicy, Verdict
 from smtp_relay.protocol import RelayEnvelope, RelaySession, RelaySMTP
-from smtp_relay.upstream import Stage, Upstream
+from smtp_relay.upstream import Upstream
 
 # RFC 5321 asks servers to take at least 100; 1000 covers every real list while bounding one envelope.
 MAX_RECIPIENTS = 1000
@@ -34,10 +33,6 @@ _RECIPIENT_REPLIES = {
     Decision.ROUTING: replies.ADDRESS_ROUTING_DENIED,
     Decision.DOMAIN_NOT_ALLOWED: replies.RECIPIENT_DOMAIN_DENIED,
 }
-# A 5xx before MAIL (greeting, EHLO, STARTTLS, AUTH) refuses the relay's session, not this message: the operator
-# must fix the relay (host, TLS, credentials), so the client keeps the message and retries (as Postfix does with
-# smtp_skip_5xx_greeting). From MAIL on, a 5xx is the upstream's verdict on the message and is passed on.
-_SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -152,8 +147,6 @@ class RelayHandler:
             return replies.INTERNAL_ERROR
         finally:
             server.resume_idle_timeout()
-        if not outcome.delivered and not outcome.transient and outcome.stage in _SESSION_STAGES:
-            outcome = dataclasses.replace(outcome, reply=replies.UPSTREAM_SESSION_REFUSED)
         fields = dict(
             ids,
             sender=envelope.mail_from,

@@ -277,6 +277,9 @@ def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = ""
     return Outcome(False, reply, stage, code, text, problem)
 
 
+_SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+
+
 def _classify(stage: Stage, exc: BaseException) -> Outcome:
     """The outcome for an exception at `stage`: the upstream's own verdict, or a 451 for a transient fault."""
     if isinstance(exc, SMTPRecipientRefused):
@@ -292,7 +295,12 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
             problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
         )
     if isinstance(exc, SMTPResponseException):
-        reply = replies.upstream_reply(exc.code, exc.message)
+        if exc.code >= 500 and stage in _SESSION_STAGES:
+            # Refusing the relay's own session (greeting, EHLO, STARTTLS) is a fault of the relay's setup, not a
+            # verdict on the message: the client must keep it and retry (as Postfix's smtp_skip_5xx_greeting).
+            reply = replies.UPSTREAM_SESSION_REFUSED
+        else:
+            reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused at {stage.value}")
     if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):
         # A handshake the upstream aborts (say, it offers only TLS 1.1) reaches us as a plain disconnect.
