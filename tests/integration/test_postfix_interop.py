@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from support.client import RawClient, send_data
+from support.client import RawClient, curl_send, send_data
 from support.postfix import Postfix
 from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
@@ -163,32 +163,7 @@ def test_curl_sends_through_the_relay_and_postfix(chain, tls, tmp_path, require_
     marker = uuid.uuid4().hex
     mail = tmp_path / "mail.txt"
     mail.write_bytes(f"From: sender@example.com\r\nSubject: curl {marker}\r\n\r\nvia curl\r\n".encode())
-    out = subprocess.run(
-        [
-            curl,
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "60",
-            "--url",
-            f"smtp://127.0.0.1:{relay.port}",
-            "--ssl-reqd",
-            "--cacert",
-            str(tls.ca_pem),
-            "--mail-from",
-            "sender@example.com",
-            "--mail-rcpt",
-            "rcpt@example.com",
-            "--user",
-            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-            "--upload-file",
-            str(mail),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
+    out = curl_send(curl, relay.port, mail, "rcpt@example.com", cacert=tls.ca_pem, max_time=60)
     assert out.returncode == 0, out.stderr
     (msg,) = _at_sink(sink, marker)
     assert msg.data.endswith(mail.read_bytes())

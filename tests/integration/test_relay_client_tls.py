@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from support.client import RawClient, login, quit_quietly
+from support.client import RawClient, curl_send, login, quit_quietly
 from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
 MSG = b"Subject: over starttls\r\n\r\nsecret body\r\n"
@@ -140,33 +140,7 @@ def test_curl_delivers_over_starttls_with_ssl_reqd_and_cacert(relay, upstream, t
     mail = tmp_path / "mail.eml"
     body = b"From: sender@example.com\r\nTo: rcpt@example.com\r\nSubject: curl tls\r\n\r\ncurl over tls\r\n"
     mail.write_bytes(body)
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--max-time",
-            "20",
-            "--url",
-            f"smtp://127.0.0.1:{relay.port}",
-            "--ssl-reqd",
-            "--cacert",
-            str(tls.ca_pem),
-            "--mail-from",
-            "sender@example.com",
-            "--mail-rcpt",
-            "rcpt@example.com",
-            "--mail-rcpt",
-            "other@example.org",
-            "--user",
-            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-            "--upload-file",
-            str(mail),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = curl_send(curl, relay.port, mail, "rcpt@example.com", "other@example.org", cacert=tls.ca_pem)
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)
     assert len(msgs) == 1
@@ -178,28 +152,7 @@ def test_curl_without_ssl_cannot_authenticate(relay, upstream, tmp_path, require
     curl = require_tool("curl")
     mail = tmp_path / "mail.eml"
     mail.write_bytes(b"Subject: plain\r\n\r\nno tls\r\n")
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--max-time",
-            "20",
-            "--url",
-            f"smtp://127.0.0.1:{relay.port}",
-            "--mail-from",
-            "sender@example.com",
-            "--mail-rcpt",
-            "rcpt@example.com",
-            "--user",
-            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-            "--upload-file",
-            str(mail),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = curl_send(curl, relay.port, mail, "rcpt@example.com")
     assert out.returncode != 0
     time.sleep(0.2)
     assert upstream.messages == []

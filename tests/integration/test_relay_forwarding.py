@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from support.client import RawClient, authed, quit_quietly, send_data, transaction
+from support.client import RawClient, authed, curl_send, quit_quietly, send_data, transaction
 from support.sink import down_port
 
 TIMEOUT = 3  # the relay's TIMEOUT in this module: every upstream operation
@@ -285,28 +285,8 @@ def _swaks(relay, require_tool, *extra: str):
     )
 
 
-def _curl(relay, require_tool, mail_file, *rcpts: str, user: str | None = None):
-    import subprocess
-
-    from support.relay import CLIENT_PASSWORD, CLIENT_USER
-
-    args = [
-        require_tool("curl"),
-        "-sS",
-        "--max-time",
-        "20",
-        "--url",
-        f"smtp://127.0.0.1:{relay.port}",
-        "--mail-from",
-        "sender@example.com",
-        "--user",
-        user or f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-        "--upload-file",
-        str(mail_file),
-    ]
-    for r in rcpts:
-        args += ["--mail-rcpt", r]
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+def _curl(relay, require_tool, mail_file, *rcpts: str, user: str | None = None, sender: str = "sender@example.com"):
+    return curl_send(require_tool("curl"), relay.port, mail_file, *rcpts, user=user, sender=sender)
 
 
 @pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
@@ -346,34 +326,9 @@ def test_curl_with_disallowed_recipient_fails_and_delivers_nothing(relay, upstre
 
 
 def test_curl_with_disallowed_sender_fails(relay, upstream, require_tool, tmp_path):
-    import subprocess
-
-    from support.relay import CLIENT_PASSWORD, CLIENT_USER
-
     mail = tmp_path / "mail.eml"
     mail.write_bytes(b"Subject: x\r\n\r\ny\r\n")
-    out = subprocess.run(
-        [
-            require_tool("curl"),
-            "-sS",
-            "--max-time",
-            "20",
-            "--url",
-            f"smtp://127.0.0.1:{relay.port}",
-            "--mail-from",
-            "spoof@forbidden.test",
-            "--mail-rcpt",
-            "a@example.com",
-            "--user",
-            f"{CLIENT_USER}:{CLIENT_PASSWORD}",
-            "--upload-file",
-            str(mail),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = _curl(relay, require_tool, mail, "a@example.com", sender="spoof@forbidden.test")
     assert out.returncode != 0
     assert "553" in out.stderr, out.stderr
     time.sleep(0.3)

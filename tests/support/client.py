@@ -6,7 +6,9 @@ import base64
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
+from pathlib import Path
 
 from .relay import CLIENT_PASSWORD, CLIENT_USER
 
@@ -179,3 +181,24 @@ def transaction(
         except (OSError, ConnectionError, TimeoutError):
             pass
         return "DATA", code, text
+
+
+def curl_send(
+    curl: str,
+    port: int,
+    mail_file: Path,
+    *rcpts: str,
+    sender: str = "sender@example.com",
+    user: str | None = None,
+    cacert: Path | None = None,
+    max_time: int = 20,
+) -> subprocess.CompletedProcess[str]:
+    """Send one message with the real `curl` program (STARTTLS required when `cacert` is given)."""
+    args = [curl, "-sS", "--max-time", str(max_time), "--url", f"smtp://127.0.0.1:{port}"]
+    if cacert is not None:
+        args += ["--ssl-reqd", "--cacert", str(cacert)]
+    args += ["--mail-from", sender, "--user", user or f"{CLIENT_USER}:{CLIENT_PASSWORD}"]
+    args += ["--upload-file", str(mail_file)]
+    for rcpt in rcpts:
+        args += ["--mail-rcpt", rcpt]
+    return subprocess.run(args, capture_output=True, text=True, timeout=max_time + 10, check=False)
