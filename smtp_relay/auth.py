@@ -23,6 +23,19 @@ class Authenticator:
     def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
+        address = peer_address(session)
+        if self.throttle.locked_for(address) > 0:
+            # Checked here too, not only before AUTH: logins sent at once on many connections must not get
+            # around the lockout, and a right password must not lift it early.
+            logs.event(
+                logging.WARNING,
+                "auth",
+                outcome="locked",
+                mechanism=mechanism,
+                session=getattr(session, "id", None),
+                peer=logs.peer_text(getattr(session, "peer", None)),
+            )
+            return AuthResult(success=False, handled=False)
         login: bytes = auth_data.login
         # Compare both, always: which of the two was wrong must not show in the timing.
         user_ok = hmac.compare_digest(login, self._username)
@@ -33,7 +46,6 @@ class Authenticator:
             "peer": logs.peer_text(getattr(session, "peer", None)),
             "user": user,
         }
-        address = peer_address(session)
         if user_ok and password_ok:
             self.throttle.success(address)
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)

@@ -75,6 +75,8 @@ class RelayHandler:
         delay = self.throttle.delay(address)
         if delay > 0:
             await asyncio.sleep(delay)
+            if self.throttle.locked_for(address) > 0:  # other connections' failures locked it meanwhile
+                return await self.handle_AUTH(server, session, envelope, args)
         return MISSING
 
     async def handle_MAIL(

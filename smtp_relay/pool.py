@@ -86,6 +86,9 @@ class ConnectionPool:
             except (aiosmtplib.SMTPException, OSError, asyncio.IncompleteReadError):
                 self._discard(conn, polite=False)
                 continue
+            except BaseException:  # cancelled mid-probe (the client went away): close it, it is in no pool now
+                self._discard(conn, polite=False)
+                raise
             if response.code != 250:
                 self._discard(conn)
                 continue

@@ -16,6 +16,7 @@ from smtp_relay.body import MessageBody, Refusal, receive
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
+_SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
 
@@ -149,17 +150,28 @@ class RelaySMTP(SMTP):
         if stripped.startswith("<>"):
             # The null sender: handed to policy (which refuses it, with a log line) instead of a bare 501.
             return "<>", stripped[2:]
-        if stripped.startswith("<@"):
+        route = _SOURCE_ROUTE.match(stripped)
+        if route is not None:
+            # `<@hop:user@domain>`, also with spaces or comments before the `@`: the route is shown to policy.
             end = stripped.find(">")
             if end < 0:
                 return None, None
-            return stripped[1:end], stripped[end + 1 :]
-        address, rest = super()._getaddr(arg)
+            return stripped[route.end() - 1 : end], stripped[end + 1 :]
+        address, rest = self._parse_address(arg)
         if address is None:
             # RFC 5321 has no trailing dot in a domain, but clients send one; the parser refuses it, so strip it.
             fixed = _TRAILING_DOT.sub("", arg, count=1)
             if fixed != arg:
-                address, rest = super()._getaddr(fixed)
+                address, rest = self._parse_address(fixed)
+        return address, rest
+
+    def _parse_address(self, arg: str) -> tuple[str | None, str | None]:
+        """The library's parser; some malformed input makes the email header parser raise instead of refusing,
+        which would be answered 451 (try again) and logged as an internal error: it is a malformed address."""
+        try:
+            address, rest = super()._getaddr(arg)
+        except (IndexError, AttributeError, ValueError, TypeError):
+            return None, None
         return address, rest
 
     async def smtp_RCPT(self, arg: str | None) -> None:

@@ -66,7 +66,7 @@ class UpstreamSettings:
     verify: bool
     ca_file: Path | None
     username: str
-    password: str
+    password: str = dataclasses.field(repr=False)
     timeout: float
     local_hostname: str
 
@@ -131,6 +131,7 @@ class Upstream:
             local_hostname=s.local_hostname,
         )
         stage = Stage.CONNECT
+        opened = False
         try:
             await client.connect()
             if s.tls_mode == "starttls":
@@ -150,14 +151,14 @@ class Upstream:
                 await client.login(s.username, s.password)
             elif client.is_ehlo_or_helo_needed:
                 await client.ehlo()  # so that SIZE and 8BITMIME are known before the first MAIL
-        except _SetupFailed:
-            client.close()
-            raise
+            opened = True
         except (SMTPException, OSError, asyncio.IncompleteReadError, ssl.SSLError, ssl.CertificateError) as exc:
             if isinstance(exc, SMTPResponseException) and client.is_connected:
                 await _quit(client)
-            client.close()
             raise _SetupFailed(_classify(stage, exc)) from None
+        finally:
+            if not opened:  # failed, refused, or cancelled (the client went away): never leave a socket open
+                client.close()
         return client
 
     async def deliver(
@@ -214,7 +215,12 @@ class Upstream:
                     return _RETRY
             else:
                 # A verdict on this transaction; end it (RSET) so nothing half-done stays, and keep the session.
-                self.pool.release(conn, reusable=await _reset(client))
+                try:
+                    reset = await _reset(client)
+                except BaseException:  # cancelled while resetting: the session's state is unknown
+                    self.pool.discard(conn)
+                    raise
+                self.pool.release(conn, reusable=reset)
             return _classify(stage, exc)
         except (SMTPServerDisconnected, SMTPConnectError, OSError, asyncio.IncompleteReadError) as exc:
             self.pool.discard(conn)
@@ -278,6 +284,7 @@ def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = ""
 
 
 _SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+_AUTH_NEEDED = frozenset({530, 538})
 
 
 def _classify(stage: Stage, exc: BaseException) -> Outcome:
@@ -295,6 +302,13 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
             problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
         )
     if isinstance(exc, SMTPResponseException):
+        if exc.code == 421:
+            # The upstream is closing the session: transient, and the client's session goes on.
+            return Outcome(False, replies.UPSTREAM_CLOSING, stage, exc.code, exc.message, "upstream closing (421)")
+        if exc.code in _AUTH_NEEDED:
+            # The upstream wants the relay to log in (RELAY_USERNAME unset or not enough): the relay's fault.
+            problem = "upstream requires authentication: check RELAY_USERNAME/RELAY_PASSWORD"
+            return Outcome(False, replies.UPSTREAM_AUTH_FAILED, stage, exc.code, exc.message, problem)
         if exc.code >= 500 and stage in _SESSION_STAGES:
             # Refusing the relay's own session (greeting, EHLO, STARTTLS) is a fault of the relay's setup, not a
             # verdict on the message: the client must keep it and retry (as Postfix's smtp_skip_5xx_greeting).
@@ -302,6 +316,8 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
         else:
             reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused at {stage.value}")
+    if isinstance(exc, SMTPTimeoutError):
+        return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
     if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):
         # A handshake the upstream aborts (say, it offers only TLS 1.1) reaches us as a plain disconnect.
         return _failed(stage, replies.UPSTREAM_TLS_FAILED, problem=f"TLS handshake failed: {exc}")

@@ -1,0 +1,117 @@
+"""Findings of an independent review, each pinned by a test against the real relay: a client that vanishes while
+the upstream stalls leaves no upstream socket behind, logins sent at once on many connections cannot get around the
+lockout, parser crashes and source-route spellings get a permanent refusal, and an upstream's 421 or its demand for
+authentication are answered as the relay's transient fault."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from support.client import RawClient, plain_b64, send_data, transaction
+from support.faults import FaultUpstream, open_sockets, settle
+from support.relay import CLIENT_PASSWORD, CLIENT_USER
+
+MSG = b"Subject: review\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("step", ["ehlo", "mail"])
+def test_client_vanishing_while_the_upstream_stalls_leaves_no_upstream_socket(stack, step):
+    upstream = FaultUpstream(hang_limit=20).start()
+    try:
+        relay = stack.relay(upstream.port, RELAY_USE_TLS="false", TIMEOUT="6")
+        assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250  # warm up
+        time.sleep(0.3)
+        baseline = open_sockets(relay.proc.pid)
+        upstream.set_fault(step, "hang")
+        for _ in range(3):
+            c = RawClient(relay.port)
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(f"X-Case: {uuid.uuid4().hex}\r\n\r\nx\r\n.\r\n")
+            time.sleep(0.5)  # the relay is now waiting on the stalled upstream
+            c.close()
+        # Well before TIMEOUT would end the upstream wait: the cancelled deliveries closed their sockets.
+        assert settle(lambda: open_sockets(relay.proc.pid), baseline, timeout=3) <= baseline, relay.describe()
+    finally:
+        upstream.stop()
+
+
+def test_logins_sent_at_once_cannot_get_around_the_lockout(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, AUTH_MAX_FAILURES="3", AUTH_LOCKOUT_SECONDS="60")
+    clients = [RawClient(relay.port) for _ in range(12)]
+    for c in clients:
+        assert c.cmd("EHLO client.test")[0] == 250
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def attempt(c: RawClient) -> None:
+        try:
+            code = c.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, "wrong-password"))[0]
+        except (OSError, ConnectionError, TimeoutError):
+            code = 0
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=attempt, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in clients:
+        c.close()
+    assert codes.count(235) == 0
+    # The address is locked: even the right password, on a fresh connection, is not accepted.
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        code, text = c.auth_plain(CLIENT_USER, CLIENT_PASSWORD)
+        assert code in (421, 535), (code, text)
+    evaluated = relay.stdout.count("outcome=failure")
+    assert evaluated <= 3, f"{evaluated} wrong passwords were checked; the lockout allows 3"
+
+
+@pytest.mark.parametrize("arg", ["<", "<<>", "<(", "<a@b@>"])
+def test_address_the_parser_chokes_on_is_refused_permanently_without_an_internal_error(stack, arg):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port)
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        code, text = c.cmd(f"MAIL FROM:{arg}")
+        assert 500 <= code < 600, (code, text)
+        assert c.cmd("NOOP")[0] == 250
+    assert "internal.error" not in relay.all_output()
+
+
+@pytest.mark.parametrize("rcpt", ["< @evil.test:b@example.com>", "<(c)@evil.test:b@example.com>"])
+def test_source_routes_spelled_with_spaces_or_comments_are_refused(stack, rcpt):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port)
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:{rcpt}")
+        assert code == 553 and "5.7.1" in text, (code, text)
+        assert send_data(c, MSG)[0] == 554
+    assert upstream.messages == []
+
+
+@pytest.mark.parametrize(
+    "reply", ["421 4.3.2 Service shutting down", "530 5.7.0 Authentication required"], ids=["421", "530"]
+)
+def test_upstream_closing_or_demanding_auth_at_mail_is_the_relays_transient_fault(stack, reply):
+    upstream = stack.sink()
+    upstream.configure(mail_reply=reply)
+    relay = stack.relay(upstream.port)
+    stage, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
+    assert (stage, code) == ("DATA", 451), (stage, code, text)
+    upstream.configure()
+    assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250
