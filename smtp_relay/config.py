@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from smtp_relay.policy import DomainAllowlist, PolicyError, RelayPolicy
+from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE
 
 DEFAULT_PASSWORD = "password"
 _MASK = "********"
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     max_message_size: int = Field(26_214_400, ge=1024, le=2**31)
     auth_max_failures: int = Field(5, ge=1, le=10_000)
     auth_lockout_seconds: float = Field(300.0, ge=0, le=86_400)
+    relay_pool_size: int = Field(POOL_SIZE, ge=0, le=1000)
+    relay_pool_idle_seconds: float = Field(IDLE_SECONDS, gt=0, le=3600)
+    relay_pool_max_messages: int = Field(MAX_MESSAGES_PER_CONNECTION, ge=1, le=1_000_000)
 
     @field_validator("allowed_from_domains", "allowed_to_domains", mode="before")
     @classmethod

@@ -49,6 +49,9 @@ class RelayServer:
                 password=settings.relay_password.get_secret_value(),
                 timeout=settings.timeout,
                 local_hostname=self.hostname,
+                pool_size=settings.relay_pool_size,
+                pool_idle_seconds=settings.relay_pool_idle_seconds,
+                pool_max_messages=settings.relay_pool_max_messages,
             )
         )
         throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds)

@@ -26,7 +26,7 @@ from aiosmtplib import (
 
 from smtp_relay import replies
 from smtp_relay.body import MessageBody
-from smtp_relay.pool import ConnectionPool, PooledConnection
+from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE, ConnectionPool, PooledConnection
 
 
 class Stage(enum.Enum):
@@ -69,6 +69,9 @@ class UpstreamSettings:
     password: str = dataclasses.field(repr=False)
     timeout: float
     local_hostname: str
+    pool_size: int = POOL_SIZE
+    pool_idle_seconds: float = IDLE_SECONDS
+    pool_max_messages: int = MAX_MESSAGES_PER_CONNECTION
 
 
 # Message bytes are handed to the transport in pieces of about this size.
@@ -112,7 +115,12 @@ class Upstream:
         self._tls_context = (
             client_tls_context(settings.verify, settings.ca_file) if settings.tls_mode != "none" else None
         )
-        self.pool = ConnectionPool(self._open)
+        self.pool = ConnectionPool(
+            self._open,
+            size=settings.pool_size,
+            idle_seconds=settings.pool_idle_seconds,
+            max_messages=settings.pool_max_messages,
+        )
 
     async def close(self) -> None:
         """Close the idle upstream sessions (QUIT, bounded); called once at shutdown."""

@@ -21,6 +21,16 @@ def _peers(sink) -> set:
     return {m.peer for m in sink.messages}
 
 
+@pytest.mark.parametrize(("env", "sessions"), [({"RELAY_POOL_SIZE": "0"}, 4), ({"RELAY_POOL_MAX_MESSAGES": "2"}, 2)])
+def test_pool_settings_bound_reuse(stack, env, sessions):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, TIMEOUT="3", **env)
+    for _ in range(4):
+        assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250
+    assert len(sink.wait_for_messages(4)) == 4
+    assert len(_peers(sink)) == sessions
+
+
 def test_upstream_session_is_reused_for_messages_from_many_clients(rig):
     sink, relay = rig
     for i in range(6):

@@ -147,3 +147,14 @@ def test_empty_variable_beside_its_file_counts_as_unset(monkeypatch: pytest.Monk
     monkeypatch.setenv("RELAY_PASSWORD", "")
     monkeypatch.setenv("RELAY_PASSWORD_FILE", str(secret))
     assert load_settings().relay_password.get_secret_value() == "from-file"
+
+
+def test_pool_settings_default_and_zero_disables_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.relay_pool_size, s.relay_pool_idle_seconds, s.relay_pool_max_messages) == (16, 30, 1000)
+    monkeypatch.setenv("RELAY_POOL_SIZE", "0")
+    assert load_settings().relay_pool_size == 0
+    monkeypatch.setenv("RELAY_POOL_MAX_MESSAGES", "0")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "RELAY_POOL_MAX_MESSAGES"
