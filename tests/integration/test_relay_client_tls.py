@@ -3,12 +3,11 @@ curl) deliver over it with the test CA."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
-from support.client import RawClient, curl_send, login, quit_quietly
-from support.relay import CLIENT_PASSWORD, CLIENT_USER
+from support.client import RawClient, curl_send, login, quit_quietly, swaks_send
+from support.relay import CLIENT_PASSWORD
 
 MSG = b"Subject: over starttls\r\n\r\nsecret body\r\n"
 
@@ -96,38 +95,21 @@ def test_smtplib_delivers_over_starttls(relay, upstream, tls, mech):
 
 def test_swaks_delivers_over_starttls_with_verified_certificate(relay, upstream, tls, require_tool):
     swaks = require_tool("swaks")
-    out = subprocess.run(
-        [
-            swaks,
-            "--server",
-            "127.0.0.1",
-            "--port",
-            str(relay.port),
-            "--tls",
-            "--tls-verify",
-            "--tls-ca-path",
-            str(tls.ca_pem),
-            "--auth",
-            "LOGIN",
-            "--auth-user",
-            CLIENT_USER,
-            "--auth-password",
-            CLIENT_PASSWORD,
-            "--from",
-            "sender@example.com",
-            "--to",
-            "rcpt@example.com",
-            "--header",
-            "Subject: swaks tls",
-            "--body",
-            "swaks over tls",
-            "--timeout",
-            "15",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    out = swaks_send(
+        swaks,
+        relay.port,
+        "--tls",
+        "--tls-verify",
+        "--tls-ca-path",
+        str(tls.ca_pem),
+        "--auth",
+        "LOGIN",
+        "--to",
+        "rcpt@example.com",
+        "--header",
+        "Subject: swaks tls",
+        "--body",
+        "swaks over tls",
     )
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)

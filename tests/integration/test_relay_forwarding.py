@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from support.client import RawClient, authed, curl_send, quit_quietly, send_data, transaction
+from support.client import RawClient, authed, curl_send, quit_quietly, send_data, swaks_send, transaction
 from support.sink import down_port
 
 TIMEOUT = 3  # the relay's TIMEOUT in this module: every upstream operation
@@ -103,37 +103,16 @@ def test_client_gets_250_only_after_the_upstream_accepted(relay, upstream):
 
 
 def test_swaks_delivers_through_the_relay(relay, upstream, require_tool):
-    import subprocess
-
-    from support.relay import CLIENT_PASSWORD, CLIENT_USER
-
     swaks = require_tool("swaks")
-    out = subprocess.run(
-        [
-            swaks,
-            "--server",
-            "127.0.0.1",
-            "--port",
-            str(relay.port),
-            "--auth-user",
-            CLIENT_USER,
-            "--auth-password",
-            CLIENT_PASSWORD,
-            "--from",
-            "sender@example.com",
-            "--to",
-            "recipient@example.com",
-            "--header",
-            "Subject: Test Email",
-            "--body",
-            "This is a test email.",
-            "--timeout",
-            "15",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    out = swaks_send(
+        swaks,
+        relay.port,
+        "--to",
+        "recipient@example.com",
+        "--header",
+        "Subject: Test Email",
+        "--body",
+        "This is a test email.",
     )
     assert out.returncode == 0, out.stdout + out.stderr
     msgs = upstream.wait_for_messages(1)
@@ -257,32 +236,7 @@ def test_concurrent_clients_are_each_delivered(relay, upstream):
 
 
 def _swaks(relay, require_tool, *extra: str):
-    import subprocess
-
-    from support.relay import CLIENT_PASSWORD, CLIENT_USER
-
-    return subprocess.run(
-        [
-            require_tool("swaks"),
-            "--server",
-            "127.0.0.1",
-            "--port",
-            str(relay.port),
-            "--auth-user",
-            CLIENT_USER,
-            "--auth-password",
-            CLIENT_PASSWORD,
-            "--from",
-            "sender@example.com",
-            "--timeout",
-            "15",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return swaks_send(require_tool("swaks"), relay.port, *extra)
 
 
 def _curl(relay, require_tool, mail_file, *rcpts: str, user: str | None = None, sender: str = "sender@example.com"):

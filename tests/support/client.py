@@ -202,3 +202,10 @@ def curl_send(
     for rcpt in rcpts:
         args += ["--mail-rcpt", rcpt]
     return subprocess.run(args, capture_output=True, text=True, timeout=max_time + 10, check=False)
+
+
+def swaks_send(swaks: str, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `swaks` program against the relay, logged in as the test user; `extra` adds options."""
+    args = [swaks, "--server", "127.0.0.1", "--port", str(port), "--auth-user", CLIENT_USER]
+    args += ["--auth-password", CLIENT_PASSWORD, "--from", "sender@example.com", "--timeout", "15", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
