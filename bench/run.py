@@ -322,26 +322,21 @@ class Row:
     samples: list[Sample] = field(default_factory=list)
 
 
+def loadgen_command(port: int, auth: bool, **options: int) -> list[str]:
+    """The load generator's command line: `options` are its flags (size=1024 -> --size 1024)."""
+    cmd = [sys.executable, str(HERE / "loadgen.py"), "--port", str(port)]
+    for name, value in options.items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    if auth:
+        cmd += ["--user", USER, "--password", PASSWORD]
+    return cmd
+
+
 def run_load(port: int, sc: Scenario, auth: bool, sink: Sink, cpu_of: callable) -> Sample:  # type: ignore[valid-type]
     expected = sc.conns * sc.per_conn * sc.rounds
     sess0, before = sink.counters()
     cpu0 = cpu_of()
-    cmd = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
-        "--port",
-        str(port),
-        "--size",
-        str(sc.size),
-        "--conns",
-        str(sc.conns),
-        "--per-conn",
-        str(sc.per_conn),
-        "--rounds",
-        str(sc.rounds),
-    ]
-    if auth:
-        cmd += ["--user", USER, "--password", PASSWORD]
+    cmd = loadgen_command(port, auth, size=sc.size, conns=sc.conns, per_conn=sc.per_conn, rounds=sc.rounds)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     result = json.loads(done.stdout or "{}") if done.stdout.strip() else {}
     if done.returncode != 0:
@@ -389,24 +384,7 @@ def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
     time.sleep(0.5)
     base = rss_kb(pid)
     gen = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            "--port",
-            str(relay.port),
-            "--user",
-            USER,
-            "--password",
-            PASSWORD,
-            "--conns",
-            str(idle_n),
-            "--per-conn",
-            "0",
-            "--hold",
-            "4",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+        loadgen_command(relay.port, True, conns=idle_n, per_conn=0, hold=4), stdout=subprocess.PIPE, text=True
     )
     time.sleep(3)
     held = rss_kb(pid)
@@ -429,24 +407,7 @@ def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     done = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            "--port",
-            str(relay.port),
-            "--user",
-            USER,
-            "--password",
-            PASSWORD,
-            "--conns",
-            str(n),
-            "--per-conn",
-            "1",
-            "--rounds",
-            "1",
-            "--size",
-            str(size),
-        ],
+        loadgen_command(relay.port, True, conns=n, per_conn=1, rounds=1, size=size),
         capture_output=True,
         text=True,
         check=False,
