@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import time
+import types
 from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
@@ -65,6 +66,32 @@ class RelaySMTP(SMTP):
         self._draining = False
         self._last_reply = ""
         self._registered = False
+
+    def spawn(self) -> RelaySMTP:
+        """A protocol for one new connection, made from this one (a template that never sees a connection).
+
+        aiosmtpd's `__init__` introspects the protocol and the handler (inspect.getmembers, dir, signature) on
+        every connection to build its command tables: about 150 us, more than a whole small message costs the
+        rest of the relay. The settings and tables do not change, so a connection copies the template's
+        attributes, gets its own asyncio stream state (StreamReaderProtocol.__init__, as the library calls it),
+        and its own bound methods in the tables. `test_protocol_spawn` checks this against the library's
+        `__init__`, so a library upgrade that adds state cannot slip by.
+        """
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        asyncio.StreamReaderProtocol.__init__(
+            clone,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=clone._cb_client_connected,
+            loop=self.loop,
+        )
+        clone._smtp_methods = {name: _rebind(method, self, clone) for name, method in self._smtp_methods.items()}
+        clone._auth_methods = {
+            name: attr._replace(method=_rebind(attr.method, self, clone)) for name, attr in self._auth_methods.items()
+        }
+        # The library clears this class-level table in every __init__ (EHLO grows it per connection).
+        self.command_size_limits.clear()
+        return clone
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -301,6 +328,13 @@ class RefuseProtocol(asyncio.Protocol):
         logs.event(logging.WARNING, "connect.refused", peer=logs.peer_text(peer), reason="MAX_CONNECTIONS reached")
         transport.write(replies.TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
         transport.close()
+
+
+def _rebind(method: Any, old: object, new: object) -> Any:
+    """`method` bound to `new` instead of `old`; anything else (the handler's hooks) as it is."""
+    if isinstance(method, types.MethodType) and method.__self__ is old:
+        return types.MethodType(method.__func__, new)
+    return method
 
 
 def _writable(transport: asyncio.BaseTransport) -> asyncio.Transport:

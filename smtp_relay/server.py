@@ -58,6 +58,7 @@ class RelayServer:
         self._handler = RelayHandler(settings.policy, self._upstream, self.hostname, throttle)
         password = settings.smtp_auth_password.get_secret_value()
         self._authenticator = Authenticator(settings.smtp_auth_username, password, throttle)
+        self._template: RelaySMTP | None = None
         self._server: asyncio.Server | None = None
         self._should_exit = asyncio.Event()
         self._all_closed = asyncio.Event()
@@ -77,6 +78,12 @@ class RelayServer:
     def _protocol_factory(self) -> asyncio.Protocol:
         if len(self.connections) >= self.settings.max_connections:
             return RefuseProtocol()
+        if self._template is None:
+            self._template = self.protocol_template()
+        return self._template.spawn()
+
+    def protocol_template(self) -> RelaySMTP:
+        """The SMTP protocol as configured; each connection gets a copy (`RelaySMTP.spawn`)."""
         s = self.settings
         return RelaySMTP(
             self._handler,
