@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from email.utils import formatdate
 from typing import Any
 
@@ -201,9 +202,21 @@ class RelayHandler:
         header = (
             f"Received: from {helo} ([{peer}])\r\n"
             f"\tby {self.hostname} (smtp-relay) with {protocol} id {session.id}.{session.messages};\r\n"
-            f"\t{formatdate(localtime=False)}\r\n"
+            f"\t{_rfc5322_date()}\r\n"
         )
         return header.encode("ascii", errors="replace")
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date() -> str:
+    """The current date for the trace header, formatted once per second instead of once per message."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, localtime=False))
+    return _date[1]
 
 
 def _ids(session: RelaySession, **extra: Any) -> dict[str, Any]:

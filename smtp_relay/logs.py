@@ -51,24 +51,34 @@ def peer_text(peer: object) -> str:
     return str(peer)
 
 
+# Set by `setup()`: our own events go straight to it (see `event`).
+_direct: LineHandler | None = None
+
+
 def event(level: int, name: str, /, **fields: object) -> None:
     """Log one event; the fields are formatted only if the level is enabled.
 
-    The record is made directly: Logger.log() would walk the stack for a caller nobody prints.
+    Once `setup()` has run, an event is formatted and queued by our handler directly: a LogRecord, the logger
+    and handler locks and the filter walk cost more than the line itself, three to five times per message.
+    Before that (and in tests that capture records) it is an ordinary logging record.
     """
-    if log.isEnabledFor(level):
+    if not log.isEnabledFor(level):
+        return
+    if _direct is not None:
+        _direct.emit_event(level, name, fields)
+    else:
         log.handle(log.makeRecord(log.name, level, "", 0, name, (), None, extra={"fields": fields}))
 
 
 _second: tuple[int, str] = (-1, "")
 
 
-def _timestamp(record: logging.LogRecord) -> str:
+def _timestamp(created: float) -> str:
     global _second
-    whole = int(record.created)
+    whole = int(created)
     if _second[0] != whole:  # one strftime per second, not per line
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int(record.msecs):03d}Z"
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> tuple[dict[str, object], str]:
@@ -91,33 +101,40 @@ class _FormatOnce(logging.Formatter):
         return cached
 
     def _format(self, record: logging.LogRecord) -> str:
+        fields, name = _fields(record)
+        traceback = self.formatException(record.exc_info) if record.exc_info else None
+        return self.format_event(record.created, record.levelname, name, fields, traceback)
+
+    def format_event(
+        self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
+    ) -> str:
         raise NotImplementedError
 
 
 class TextFormatter(_FormatOnce):
     """`time level=... event=... key=value ...` with every value escaped."""
 
-    def _format(self, record: logging.LogRecord) -> str:
-        fields, name = _fields(record)
-        parts = [_timestamp(record), f"level={record.levelname}", f"event={escape(name)}"]
+    def format_event(
+        self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
+    ) -> str:
+        parts = [_timestamp(created), f"level={level}", f"event={escape(name)}"]
         parts.extend(f"{key}={escape(value)}" for key, value in fields.items() if value is not None)
         line = " ".join(parts)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        return line if traceback is None else line + "\n" + traceback
 
 
 class JsonFormatter(_FormatOnce):
     """One JSON object per line; json.dumps escapes control characters itself."""
 
-    def _format(self, record: logging.LogRecord) -> str:
-        fields, name = _fields(record)
-        doc: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "event": name}
+    def format_event(
+        self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
+    ) -> str:
+        doc: dict[str, Any] = {"time": _timestamp(created), "level": level, "event": name}
         for key, value in fields.items():
             if value is not None:
                 doc[key] = value if isinstance(value, int | float | bool) else str(value)
-        if record.exc_info:
-            doc["traceback"] = self.formatException(record.exc_info)
+        if traceback is not None:
+            doc["traceback"] = traceback
         return json.dumps(doc, ensure_ascii=True)
 
 
@@ -135,12 +152,19 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return record.msg not in _LIBRARY_NOISE
 
 
-class LineHandler(logging.Handler):
-    """Writes each line to stdout and LOG_FILE; lines logged in one event-loop turn go out in one write each.
+# Lines logged while the event loop runs are written together at most this long after the first of them
+# (or sooner, once this many are waiting).
+FLUSH_SECONDS = 0.02
+FLUSH_LINES = 512
 
-    A relay logs about five lines per message: one write and flush per line per stream cost more CPU than the
-    formatting. The lines wait at most until the loop's current turn ends (microseconds); outside a running loop
-    (start-up, other threads, shutdown) a line is written at once.
+
+class LineHandler(logging.Handler):
+    """Writes each line to stdout and LOG_FILE; lines logged within FLUSH_SECONDS go out in one write each.
+
+    A relay logs three to five lines per message: a write system call per line (or per event-loop turn, which
+    under load often holds one line) costs more CPU than formatting it. Lines therefore wait at most 20 ms;
+    outside a running loop (start-up, other threads, shutdown) a line is written at once, and shutdown, a
+    forced exit and `close()` flush what waits. A SIGKILL can lose the last 20 ms of lines, never more.
     """
 
     def __init__(self, streams: list[TextIO]) -> None:
@@ -155,8 +179,19 @@ class LineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self._queue(line)
+
+    def emit_event(self, level: int, name: str, fields: dict[str, object]) -> None:
+        """One of our own events, without a LogRecord (see `event`)."""
+        formatter = self.formatter
+        assert isinstance(formatter, _FormatOnce)
+        self._queue(formatter.format_event(time.time(), logging.getLevelName(level), name, fields))
+
+    def _queue(self, line: str) -> None:
         self._pending.append(line)
         if self._scheduled:
+            if len(self._pending) >= FLUSH_LINES:
+                self._write()
             return
         try:
             loop = asyncio.get_running_loop()
@@ -164,7 +199,7 @@ class LineHandler(logging.Handler):
             self._write()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
@@ -202,13 +237,14 @@ def setup(settings: Settings) -> None:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {reason}") from None
-    handlers: list[logging.Handler] = [LineHandler(streams)]
+    global _direct
+    handler = LineHandler(streams)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+    root.addHandler(handler)
+    _direct = handler
     root.setLevel(settings.log_level)
     # Nobody prints thread, process or multiprocessing names: skip collecting them for every record.
     logging.logThreads = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 WILDCARD = "*"
 
@@ -173,18 +173,37 @@ def check_address(address: str, allowlist: DomainAllowlist) -> Verdict:
     return Verdict(Decision.ALLOWED, domain)
 
 
+# Verdicts remembered per policy: applications send from and to the same few addresses over and over.
+VERDICT_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class RelayPolicy:
-    """The sender and recipient allowlists together."""
+    """The sender and recipient allowlists together; verdicts are remembered (bounded, pure functions)."""
 
     senders: DomainAllowlist
     recipients: DomainAllowlist
+    _sender_verdicts: dict[str, Verdict] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _recipient_verdicts: dict[str, Verdict] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check_sender(self, address: str) -> Verdict:
-        return check_address(address, self.senders)
+        verdict = self._sender_verdicts.get(address)
+        if verdict is None:
+            verdict = check_address(address, self.senders)
+            _remember(self._sender_verdicts, address, verdict)
+        return verdict
 
     def check_recipient(self, address: str) -> Verdict:
-        verdict = check_address(address, self.recipients)
-        if verdict.decision is Decision.NULL_SENDER:
-            return Verdict(Decision.MALFORMED, "")
+        verdict = self._recipient_verdicts.get(address)
+        if verdict is None:
+            verdict = check_address(address, self.recipients)
+            if verdict.decision is Decision.NULL_SENDER:
+                verdict = Verdict(Decision.MALFORMED, "")
+            _remember(self._recipient_verdicts, address, verdict)
         return verdict
+
+
+def _remember(cache: dict[str, Verdict], address: str, verdict: Verdict) -> None:
+    if len(cache) >= VERDICT_CACHE_SIZE:
+        cache.clear()  # hostile clients cycling addresses cost a recomputation, never unbounded memory
+    cache[address] = verdict

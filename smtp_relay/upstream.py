@@ -20,6 +20,7 @@ from aiosmtplib import (
     SMTPRecipientRefused,
     SMTPResponse,
     SMTPResponseException,
+    SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
@@ -206,13 +207,17 @@ class Upstream:
         try:
             options = []
             if client.supports_extension("size"):
-                options.append(f"SIZE={len(header) + body.content_size}")
+                options.append(b"SIZE=%d" % (len(header) + body.content_size))
             if eight_bit and client.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            await client.mail(mail_from, options=options)
+                options.append(b"BODY=8BITMIME")
+            response = await client.execute_command(b"MAIL", b"FROM:" + _path(mail_from), *options)
+            if response.code != 250:
+                raise SMTPSenderRefused(response.code, response.message, mail_from)
             stage = Stage.RCPT
             for rcpt in rcpt_tos:
-                await client.rcpt(rcpt)
+                response = await client.execute_command(b"RCPT", b"TO:" + _path(rcpt))
+                if response.code not in (250, 251):
+                    raise SMTPRecipientRefused(response.code, response.message, rcpt)
             stage = Stage.DATA  # from here on the upstream may have the message: never resend
             response = await _send_data(client, header, body, self.settings.timeout)
         except SMTPResponseException as exc:
@@ -243,6 +248,15 @@ class Upstream:
             raise
         self.pool.release(conn, reusable=True)
         return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message)
+
+
+def _path(address: str) -> bytes:
+    """`<address>` for MAIL FROM / RCPT TO, as the client wrote it and policy accepted it.
+
+    aiosmtplib's `mail()`/`rcpt()` re-parse every address with the email header parser (a fifth of the upstream
+    dialogue's CPU) only to add the brackets; its `execute_command` still refuses control characters.
+    """
+    return b"<" + address.encode("ascii") + b">"
 
 
 async def _send_data(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtp_relay.policy import Decision, DomainAllowlist, PolicyError, RelayPolicy, check_address, normalize_domain
+from smtp_relay.policy import (
+    VERDICT_CACHE_SIZE,
+    Decision,
+    DomainAllowlist,
+    PolicyError,
+    RelayPolicy,
+    check_address,
+    normalize_domain,
+)
 
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 domain = st.lists(label, min_size=2, max_size=4).map(".".join)
@@ -129,3 +137,25 @@ def test_normalize_is_idempotent(text: str) -> None:
     once = normalize_domain(text)
     if once is not None:
         assert normalize_domain(once) == once
+
+
+_SHARED_POLICY = RelayPolicy(allow("example.com", "*.example.org"), allow("example.net"))
+
+
+@given(st.lists(st.one_of(st.text(max_size=30), st.builds("{}@{}".format, local, domain)), max_size=20))
+def test_remembered_verdicts_equal_fresh_ones(addresses: list[str]) -> None:
+    # One policy across examples: the second and later look-ups of an address come from its cache.
+    policy = _SHARED_POLICY
+    for address in addresses + addresses:
+        fresh = RelayPolicy(policy.senders, policy.recipients)
+        assert policy.check_sender(address) == fresh.check_sender(address)
+        assert policy.check_recipient(address) == fresh.check_recipient(address)
+
+
+def test_verdict_cache_stays_bounded() -> None:
+    policy = RelayPolicy(allow("example.com"), allow("example.com"))
+    for n in range(VERDICT_CACHE_SIZE * 3):
+        assert policy.check_recipient(f"user{n}@example.com").allowed
+        assert not policy.check_sender(f"user{n}@evil.example").allowed
+    assert len(policy._recipient_verdicts) <= VERDICT_CACHE_SIZE
+    assert len(policy._sender_verdicts) <= VERDICT_CACHE_SIZE
