@@ -152,19 +152,13 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return record.msg not in _LIBRARY_NOISE
 
 
-# Lines logged while the event loop runs are written together at most this long after the first of them
-# (or sooner, once this many are waiting).
-FLUSH_SECONDS = 0.02
-FLUSH_LINES = 512
-
-
 class LineHandler(logging.Handler):
-    """Writes each line to stdout and LOG_FILE; lines logged within FLUSH_SECONDS go out in one write each.
+    """Writes each line to stdout and LOG_FILE; lines logged in one event-loop turn go out in one write each.
 
-    A relay logs three to five lines per message: a write system call per line (or per event-loop turn, which
-    under load often holds one line) costs more CPU than formatting it. Lines therefore wait at most 20 ms;
-    outside a running loop (start-up, other threads, shutdown) a line is written at once, and shutdown, a
-    forced exit and `close()` flush what waits. A SIGKILL can lose the last 20 ms of lines, never more.
+    A relay logs three to five lines per message: one write and flush per line per stream cost more CPU than
+    the formatting. The lines wait at most until the loop's current turn ends (microseconds after the reply they
+    explain went out); outside a running loop (start-up, other threads,
+    shutdown) a line is written at once.
     """
 
     def __init__(self, streams: list[TextIO]) -> None:
@@ -190,8 +184,6 @@ class LineHandler(logging.Handler):
     def _queue(self, line: str) -> None:
         self._pending.append(line)
         if self._scheduled:
-            if len(self._pending) >= FLUSH_LINES:
-                self._write()
             return
         try:
             loop = asyncio.get_running_loop()
@@ -199,7 +191,7 @@ class LineHandler(logging.Handler):
             self._write()
             return
         self._scheduled = True
-        loop.call_later(FLUSH_SECONDS, self.flush)
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__

@@ -17,6 +17,7 @@ from aiosmtplib import (
     SMTPConnectError,
     SMTPDataError,
     SMTPException,
+    SMTPReadTimeoutError,
     SMTPRecipientRefused,
     SMTPResponse,
     SMTPResponseException,
@@ -24,6 +25,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, SMTPProtocol
 
 from smtp_relay import replies
 from smtp_relay.body import MessageBody
@@ -203,29 +205,28 @@ class Upstream:
         retry_allowed: bool,
     ) -> Outcome | object:
         client = conn.client
-        stage = Stage.MAIL
+        dialogue = _Dialogue(client, self.settings.timeout)
         try:
             options = []
             if client.supports_extension("size"):
                 options.append(b"SIZE=%d" % (len(header) + body.content_size))
             if eight_bit and client.supports_extension("8bitmime"):
                 options.append(b"BODY=8BITMIME")
-            response = await client.execute_command(b"MAIL", b"FROM:" + _path(mail_from), *options)
-            if response.code != 250:
-                raise SMTPSenderRefused(response.code, response.message, mail_from)
-            stage = Stage.RCPT
-            for rcpt in rcpt_tos:
-                response = await client.execute_command(b"RCPT", b"TO:" + _path(rcpt))
-                if response.code not in (250, 251):
-                    raise SMTPRecipientRefused(response.code, response.message, rcpt)
-            stage = Stage.DATA  # from here on the upstream may have the message: never resend
-            response = await _send_data(client, header, body, self.settings.timeout)
+            if client.supports_extension("pipelining"):
+                await dialogue.pipelined_envelope(mail_from, options, rcpt_tos)
+            else:
+                await dialogue.envelope(mail_from, options, rcpt_tos)
+            response = await _send_body(client, header, body, self.settings.timeout)
         except SMTPResponseException as exc:
             if exc.code == 421 or not client.is_connected:
                 # The upstream is closing this session.
                 self.pool.discard(conn)
-                if conn.reused and retry_allowed and stage is not Stage.DATA:
+                if conn.reused and retry_allowed and dialogue.retry_safe:
                     return _RETRY
+            elif dialogue.data_started:
+                # DATA was accepted (354) although the envelope failed: only closing the session, without the
+                # final dot, ends the transaction with nothing delivered.
+                self.pool.discard(conn)
             else:
                 # A verdict on this transaction; end it (RSET) so nothing half-done stays, and keep the session.
                 try:
@@ -234,15 +235,15 @@ class Upstream:
                     self.pool.discard(conn)
                     raise
                 self.pool.release(conn, reusable=reset)
-            return _classify(stage, exc)
+            return _classify(dialogue.stage, exc)
         except (SMTPServerDisconnected, SMTPConnectError, OSError, asyncio.IncompleteReadError) as exc:
             self.pool.discard(conn)
-            if conn.reused and retry_allowed and stage is not Stage.DATA:
+            if conn.reused and retry_allowed and dialogue.retry_safe:
                 return _RETRY
-            return _classify(stage, exc)
+            return _classify(dialogue.stage, exc)
         except (SMTPException, ssl.SSLError, ssl.CertificateError) as exc:
             self.pool.discard(conn)
-            return _classify(stage, exc)
+            return _classify(dialogue.stage, exc)
         except BaseException:
             self.pool.discard(conn)
             raise
@@ -259,8 +260,123 @@ def _path(address: str) -> bytes:
     return b"<" + address.encode("ascii") + b">"
 
 
-async def _send_data(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:
-    """DATA, then the message as the client sent it, streamed chunk by chunk, then ".<CR><LF>"; the final reply.
+class _Dialogue:
+    """The envelope part of one upstream transaction: MAIL, RCPT for each recipient, DATA; raises on a refusal.
+
+    `stage` says where it stopped (for the log and the reply); a session that breaks before any part of the
+    message was sent may be retried on a fresh one (`retry_safe`).
+    """
+
+    def __init__(self, client: aiosmtplib.SMTP, seconds: float) -> None:
+        self.client = client
+        self.seconds = seconds
+        self.stage = Stage.MAIL
+        self.data_started = False
+
+    @property
+    def retry_safe(self) -> bool:
+        return self.stage is not Stage.DATA
+
+    async def envelope(self, mail_from: str, options: list[bytes], rcpt_tos: Sequence[str]) -> None:
+        """One command at a time, each waiting for its reply (upstreams without PIPELINING)."""
+        client = self.client
+        self._check_mail(await client.execute_command(b"MAIL", b"FROM:" + _path(mail_from), *options), mail_from)
+        self.stage = Stage.RCPT
+        for rcpt in rcpt_tos:
+            self._check_rcpt(await client.execute_command(b"RCPT", b"TO:" + _path(rcpt)), rcpt)
+        self.stage = Stage.DATA  # from here on the upstream may have the message: never resend
+        self._check_data(await client.execute_command(b"DATA"))
+
+    async def pipelined_envelope(self, mail_from: str, options: list[bytes], rcpt_tos: Sequence[str]) -> None:
+        """RFC 2920: MAIL and every RCPT in one write (and DATA too for a single recipient), then their replies.
+
+        One round trip and one write instead of three or more of each per message. DATA joins the group only
+        for a single recipient: if that one is refused, DATA is refused too and the session stays usable. With
+        several, some may be accepted and DATA would then be too, though the message must go to all or none;
+        so DATA waits for their replies. Should an upstream still accept DATA after a refusal, the session is
+        closed without the final dot (see `_transaction`), so nothing is delivered.
+
+        aiosmtplib reads one reply per command: the replies after the first are taken from its protocol's
+        buffer (or awaited one by one), and every reply is read before any is judged, so the session stays in
+        step.
+        """
+        client = self.client
+        protocol = client.protocol
+        if protocol is None or protocol._command_lock is None:
+            raise SMTPServerDisconnected("Connection lost")
+        with_data = len(rcpt_tos) == 1
+        commands = [b" ".join((b"MAIL FROM:" + _path(mail_from), *options))]
+        commands += [b"RCPT TO:" + _path(rcpt) for rcpt in rcpt_tos]
+        if with_data:
+            commands.append(b"DATA")
+        for command in commands:
+            if COMMAND_INJECTION_REGEX.search(command):
+                raise ValueError("Command contains a prohibited control character")
+        data: SMTPResponse | None = None
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            try:
+                protocol.write(b"\r\n".join(commands) + b"\r\n")
+                mail = await self._reply(protocol)
+                self.stage = Stage.RCPT
+                rcpts = [await self._reply(protocol) for _ in rcpt_tos]
+                if with_data:
+                    self.stage = Stage.DATA
+                    data = await self._reply(protocol)
+            except (SMTPServerDisconnected, SMTPTimeoutError):
+                client.close()
+                raise
+            finally:
+                protocol._response_pending = False
+        self.data_started = data is not None and data.code == 354
+        self.stage = Stage.MAIL
+        self._check_mail(mail, mail_from)
+        self.stage = Stage.RCPT
+        for response, rcpt in zip(rcpts, rcpt_tos, strict=True):
+            self._check_rcpt(response, rcpt)
+        self.stage = Stage.DATA
+        self._check_data(data if data is not None else await client.execute_command(b"DATA"))
+
+    async def _reply(self, protocol: SMTPProtocol) -> SMTPResponse:
+        """The next reply: already in the protocol's buffer, or the next to arrive.
+
+        The protocol's waiter is awaited directly (not through `read_response`'s wait_for, which wakes the task
+        one loop turn later): the task then always runs before the next data arrives, so the protocol, which
+        keeps only one parsed reply, never drops one that follows.
+        """
+        response = protocol._read_response_from_buffer()
+        if response is not None:
+            return response
+        waiter = protocol._response_waiter
+        if waiter is None:
+            raise SMTPServerDisconnected("Connection lost")
+        try:
+            async with asyncio.timeout(self.seconds):
+                return await waiter
+        except TimeoutError:
+            raise SMTPReadTimeoutError("Timed out waiting for server response") from None
+        finally:
+            protocol._response_waiter = None if protocol.transport is None else protocol._loop.create_future()
+
+    @staticmethod
+    def _check_mail(response: SMTPResponse, mail_from: str) -> None:
+        if response.code != 250:
+            raise SMTPSenderRefused(response.code, response.message, mail_from)
+
+    @staticmethod
+    def _check_rcpt(response: SMTPResponse, rcpt: str) -> None:
+        if response.code not in (250, 251):
+            raise SMTPRecipientRefused(response.code, response.message, rcpt)
+
+    def _check_data(self, response: SMTPResponse) -> None:
+        self.data_started = response.code == 354
+        if response.code != 354:
+            raise SMTPDataError(response.code, response.message)
+
+
+async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:
+    """The message as the client sent it (after DATA was accepted), streamed chunk by chunk, then ".<CR><LF>";
+    the final reply.
 
     What `aiosmtplib.SMTP.data()` does, without its in-memory copies: the body is already CRLF-only and
     dot-stuffed (`MessageBody.chunks()` rewrites it if not), so it is written as is, waiting for the socket to
@@ -270,10 +386,7 @@ async def _send_data(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
     if protocol is None:
         raise SMTPServerDisconnected("Connection lost")
     try:
-        start = await protocol.execute_command(b"DATA", timeout=seconds)
-        if start.code != 354:
-            raise SMTPDataError(start.code, start.message)
-        # From here a reply (an early refusal, or the final one) is expected: aiosmtplib keeps it, not drops it.
+        # A reply (an early refusal, or the final one) is expected from here: aiosmtplib keeps it, not drops it.
         protocol._response_pending = True
         # Small pieces are joined: one write (one system call) carries a whole small message and its end.
         batch = [header]

@@ -53,6 +53,12 @@ class _Handler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.sink.pipelining:  # as Postfix, Exchange and every large provider do (RFC 2920)
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.sink.mail_commands.append(address)
         b = self.sink.behaviour
@@ -105,7 +111,8 @@ class Sink:
 
     mode: "plain" (no STARTTLS offered), "starttls" (STARTTLS offered and required), "implicit" (TLS from
     the first byte). `server_ctx` is an ssl server context (e.g. from a trustme certificate) for the TLS
-    modes. `auth`: (username, password) required from the relay before MAIL.
+    modes. `auth`: (username, password) required from the relay before MAIL. `pipelining`: offer PIPELINING
+    (RFC 2920) in the EHLO reply.
     """
 
     def __init__(
@@ -114,6 +121,7 @@ class Sink:
         server_ctx: ssl.SSLContext | None = None,
         auth: tuple[str, str] | None = None,
         require_starttls: bool = True,
+        pipelining: bool = True,
     ) -> None:
         assert mode in ("plain", "starttls", "implicit")
         if mode != "plain":
@@ -122,6 +130,7 @@ class Sink:
         self.server_ctx = server_ctx
         self.auth = auth
         self.require_starttls = require_starttls
+        self.pipelining = pipelining
         self.behaviour = Behaviour()
         self._lock = threading.Lock()
         self._messages: list[Received] = []

@@ -1,0 +1,102 @@
+"""Upstream PIPELINING (RFC 2920): the envelope goes in one write when the upstream offers it, the replies are
+read in order however they arrive, a message goes to all its recipients or to none, and an upstream without
+PIPELINING gets one command at a time."""
+
+from __future__ import annotations
+
+import pytest
+from support.client import transaction
+from support.scripted import Script, ScriptedUpstream
+
+MSG = b"Subject: pipelining\r\n\r\nbody\r\n"
+
+
+def _envelope_reads(upstream: ScriptedUpstream) -> list[list[str]]:
+    """The reads that carried MAIL, RCPT or DATA commands (not EHLO, RSET or QUIT)."""
+    verbs = ("MAIL", "RCPT", "DATA")
+    return [[line.split(":")[0].split(" ")[0] for line in read] for read in upstream.reads if read[0][:4] in verbs]
+
+
+def test_single_recipient_envelope_and_data_go_in_one_write(stack):
+    with ScriptedUpstream() as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for i in range(3):
+            assert transaction(relay.port, "sender@example.com", [f"r{i}@example.com"], MSG)[1] == 250
+        assert [m[1] for m in upstream.messages] == [[f"r{i}@example.com"] for i in range(3)]
+        assert _envelope_reads(upstream) == [["MAIL", "RCPT", "DATA"]] * 3
+        assert upstream.sessions == 1
+
+
+def test_several_recipients_are_pipelined_but_data_waits_for_their_replies(stack):
+    with ScriptedUpstream() as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        rcpts = ["a@example.com", "b@example.com", "c@example.com"]
+        assert transaction(relay.port, "sender@example.com", rcpts, MSG)[1] == 250
+        assert _envelope_reads(upstream) == [["MAIL", "RCPT", "RCPT", "RCPT"], ["DATA"]]
+        assert upstream.messages[0][1] == rcpts
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.02])
+def test_replies_arriving_one_by_one_are_all_read_in_order(stack, gap):
+    # The relay must not lose a reply that arrives while it is still handling the one before.
+    with ScriptedUpstream(Script(reply_gap=gap)) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for i in range(5):
+            rcpts = [f"x{i}@example.com"] if i % 2 else [f"x{i}@example.com", f"y{i}@example.com"]
+            assert transaction(relay.port, "sender@example.com", rcpts, MSG)[1] == 250
+        assert [m[1][0] for m in upstream.messages] == [f"x{i}@example.com" for i in range(5)]
+        assert upstream.sessions == 1
+
+
+def test_refused_single_recipient_keeps_the_session_and_delivers_nothing(stack):
+    script = Script(rcpt={"bad@example.com": b"550 5.1.1 No such user"})
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        stage, code, text = transaction(relay.port, "sender@example.com", ["bad@example.com"], MSG)
+        assert (stage, code) == ("DATA", 550) and "No such user" in text
+        assert transaction(relay.port, "sender@example.com", ["good@example.com"], MSG)[1] == 250
+        assert [m[1] for m in upstream.messages] == [["good@example.com"]]
+        assert upstream.sessions == 1, "a refusal is a verdict, not a broken session"
+        assert relay.wait_for_log("event=forward.failed", "stage=rcpt", "upstream_code=550")
+
+
+def test_data_accepted_after_a_refused_recipient_is_abandoned_without_the_final_dot(stack):
+    # A server that (wrongly) answers 354 although the only recipient was refused: the relay must not send
+    # anything that could end the data, so nothing is delivered, and it answers the recipient's refusal.
+    script = Script(rcpt={"bad@example.com": b"550 5.1.1 No such user"}, data_no_rcpt=b"354 Go ahead anyway")
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        stage, code, text = transaction(relay.port, "sender@example.com", ["bad@example.com"], MSG)
+        assert (stage, code) == ("DATA", 550) and "No such user" in text
+        assert upstream.messages == []
+        assert transaction(relay.port, "sender@example.com", ["good@example.com"], MSG)[1] == 250
+        assert [m[1] for m in upstream.messages] == [["good@example.com"]]
+        assert upstream.aborted_data == 1 and upstream.sessions == 2
+
+
+def test_refused_sender_is_answered_with_the_upstreams_reply(stack):
+    script = Script(mail=b"553 5.7.1 Sender not permitted", data_no_rcpt=b"503 5.5.1 Need MAIL first")
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for _ in range(2):
+            stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
+            assert (stage, code) == ("DATA", 553) and "not permitted" in text
+        assert upstream.messages == [] and upstream.sessions == 1
+        assert relay.wait_for_log("event=forward.failed", "stage=mail", "upstream_code=553")
+
+
+def test_upstream_without_pipelining_gets_one_command_at_a_time(stack):
+    with ScriptedUpstream(Script(pipelining=False)) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        assert transaction(relay.port, "sender@example.com", ["a@example.com", "b@example.com"], MSG)[1] == 250
+        assert _envelope_reads(upstream) == [["MAIL"], ["RCPT"], ["RCPT"], ["DATA"]]
+        assert upstream.messages[0][1] == ["a@example.com", "b@example.com"]
+
+
+def test_aiosmtpd_upstream_without_pipelining_still_relays(stack):
+    sink = stack.sink(pipelining=False)
+    relay = stack.relay(sink.port, TIMEOUT="5")
+    assert transaction(relay.port, "sender@example.com", ["a@example.com", "b@example.com"], MSG)[1] == 250
+    sink.configure(refuse_rcpt={"bad@example.com": "550 5.1.1 No such user"})
+    assert transaction(relay.port, "sender@example.com", ["bad@example.com"], MSG)[1] == 550
+    assert [m.rcpt_tos for m in sink.wait_for_messages(1)] == [["a@example.com", "b@example.com"]]
