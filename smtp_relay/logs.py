@@ -21,14 +21,15 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # Printable ASCII but for the quote, backslash and equals sign: such values are written as they are.
 _PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
+_plain = _PLAIN.fullmatch
 
 
 def escape(value: object) -> str:
     """Render a value so it can never break out of its field or start a new log line."""
     if type(value) is int:
         return str(value)
-    text = value if isinstance(value, str) else str(value)
-    if _PLAIN.fullmatch(text):
+    text = value if type(value) is str else str(value)
+    if _plain(text):
         return text
     out = []
     for ch in text:
@@ -118,7 +119,7 @@ class TextFormatter(_FormatOnce):
         self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
     ) -> str:
         parts = [_timestamp(created), f"level={level}", f"event={escape(name)}"]
-        parts.extend(f"{key}={escape(value)}" for key, value in fields.items() if value is not None)
+        parts += [f"{key}={escape(value)}" for key, value in fields.items() if value is not None]
         line = " ".join(parts)
         return line if traceback is None else line + "\n" + traceback
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ class PooledConnection:
     last_used: float = field(default_factory=time.monotonic)
     messages: int = 0
     reused: bool = False
-    expiry: asyncio.TimerHandle | None = None
 
 
 class ConnectionPool:
@@ -58,7 +56,8 @@ class ConnectionPool:
         self.max_messages = max_messages
         self.probe_timeout = probe_timeout
         self.probe_after = probe_after
-        self._idle: list[PooledConnection] = []
+        self._idle: list[PooledConnection] = []  # oldest release first
+        self._sweep: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self.opened = 0  # upstream connections opened so far (for tests and the benchmark)
@@ -71,9 +70,6 @@ class ConnectionPool:
         """A healthy session: a probed idle one unless `fresh`, else a new one (connect errors propagate)."""
         while self._idle and not fresh and not self._closed:
             conn = self._idle.pop()
-            if conn.expiry is not None:
-                conn.expiry.cancel()
-                conn.expiry = None
             idle_for = time.monotonic() - conn.last_used
             if idle_for > self.idle_seconds or not conn.client.is_connected:
                 self._discard(conn)
@@ -111,23 +107,25 @@ class ConnectionPool:
         ):
             self._discard(conn, polite=reusable)
             return
-        conn.expiry = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire, conn)
         self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire)
 
     def discard(self, conn: PooledConnection) -> None:
         """Close a session that failed: no QUIT, it may be in any state."""
         self._discard(conn, polite=False)
 
-    def _expire(self, conn: PooledConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self._idle.remove(conn)
-            conn.expiry = None
-            self._discard(conn)
+    def _expire(self) -> None:
+        """Close the sessions idle for `idle_seconds`; one timer for the pool, not one per message."""
+        self._sweep = None
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].last_used >= self.idle_seconds:
+            self._discard(self._idle.pop(0))
+        if self._idle and not self._closed:
+            wait = self._idle[0].last_used + self.idle_seconds - now
+            self._sweep = asyncio.get_running_loop().call_later(wait, self._expire)
 
     def _discard(self, conn: PooledConnection, *, polite: bool = True) -> None:
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-            conn.expiry = None
         if polite and conn.client.is_connected:
             task = asyncio.get_running_loop().create_task(_quit(conn.client))
             self._closing.add(task)
@@ -138,6 +136,9 @@ class ConnectionPool:
     async def close(self) -> None:
         """Say QUIT to every idle session (bounded) and refuse to keep any more."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)

@@ -29,10 +29,16 @@ class RelaySession(Session):
         self.id = secrets.token_hex(5)
         self.started = time.monotonic()
         self.messages = 0
+        self._peer_text: str | None = None
 
     @property
     def peer_text(self) -> str:
-        return logs.peer_text(self.peer)
+        """`host:port`, formatted once: it is in every log line of the session."""
+        if self._peer_text is None:
+            if self.peer is None:
+                return logs.peer_text(None)
+            self._peer_text = logs.peer_text(self.peer)
+        return self._peer_text
 
     @property
     def user(self) -> str | None:
@@ -66,6 +72,7 @@ class RelaySMTP(SMTP):
         self._draining = False
         self._last_reply = ""
         self._registered = False
+        self._idle_deadline = 0.0
 
     def spawn(self) -> RelaySMTP:
         """A protocol for one new connection, made from this one (a template that never sees a connection).
@@ -288,8 +295,25 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self._reset_timeout()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Push the idle deadline back; called by aiosmtpd for every command.
+
+        The library cancels and re-creates a timer per command. Here the deadline is a number: the timer
+        stays, and when it fires early (the deadline moved on) it is set again for the rest.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
         """Say why before hanging up on an idle client (aiosmtpd just closes), and log it."""
+        if self._idle_deadline > self.loop.time():  # a command came since the timer was set
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
         session = self.session
         if isinstance(session, RelaySession):
             logs.event(logging.INFO, "timeout", session=session.id, peer=session.peer_text, user=session.user)

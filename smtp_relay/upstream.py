@@ -317,12 +317,12 @@ class _Dialogue:
             protocol._response_pending = True
             try:
                 protocol.write(b"\r\n".join(commands) + b"\r\n")
-                mail = await self._reply(protocol)
+                mail = await _next_reply(protocol, self.seconds)
                 self.stage = Stage.RCPT
-                rcpts = [await self._reply(protocol) for _ in rcpt_tos]
+                rcpts = [await _next_reply(protocol, self.seconds) for _ in rcpt_tos]
                 if with_data:
                     self.stage = Stage.DATA
-                    data = await self._reply(protocol)
+                    data = await _next_reply(protocol, self.seconds)
             except (SMTPServerDisconnected, SMTPTimeoutError):
                 client.close()
                 raise
@@ -336,27 +336,6 @@ class _Dialogue:
             self._check_rcpt(response, rcpt)
         self.stage = Stage.DATA
         self._check_data(data if data is not None else await client.execute_command(b"DATA"))
-
-    async def _reply(self, protocol: SMTPProtocol) -> SMTPResponse:
-        """The next reply: already in the protocol's buffer, or the next to arrive.
-
-        The protocol's waiter is awaited directly (not through `read_response`'s wait_for, which wakes the task
-        one loop turn later): the task then always runs before the next data arrives, so the protocol, which
-        keeps only one parsed reply, never drops one that follows.
-        """
-        response = protocol._read_response_from_buffer()
-        if response is not None:
-            return response
-        waiter = protocol._response_waiter
-        if waiter is None:
-            raise SMTPServerDisconnected("Connection lost")
-        try:
-            async with asyncio.timeout(self.seconds):
-                return await waiter
-        except TimeoutError:
-            raise SMTPReadTimeoutError("Timed out waiting for server response") from None
-        finally:
-            protocol._response_waiter = None if protocol.transport is None else protocol._loop.create_future()
 
     @staticmethod
     def _check_mail(response: SMTPResponse, mail_from: str) -> None:
@@ -372,6 +351,28 @@ class _Dialogue:
         self.data_started = response.code == 354
         if response.code != 354:
             raise SMTPDataError(response.code, response.message)
+
+
+async def _next_reply(protocol: SMTPProtocol, seconds: float) -> SMTPResponse:
+    """The next reply: already in the protocol's buffer (pipelined replies), or the next to arrive.
+
+    The protocol's waiter is awaited directly, not through `read_response`'s wait_for, which wakes the task a
+    loop turn later (and costs two more futures and a timer per reply): the task then always runs before the
+    next data arrives, so the protocol, which keeps only one parsed reply, never drops one that follows.
+    """
+    response = protocol._read_response_from_buffer()
+    if response is not None:
+        return response
+    waiter = protocol._response_waiter
+    if waiter is None:
+        raise SMTPServerDisconnected("Connection lost")
+    try:
+        async with asyncio.timeout(seconds):
+            return await waiter
+    except TimeoutError:
+        raise SMTPReadTimeoutError("Timed out waiting for server response") from None
+    finally:
+        protocol._response_waiter = None if protocol.transport is None else protocol._loop.create_future()
 
 
 async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:
@@ -405,10 +406,12 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
                     raise SMTPTimeoutError("Timed out sending the message") from None
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
-        response = await protocol.read_response(timeout=seconds)
+        response = await _next_reply(protocol, seconds)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
         client.close()
         raise
+    finally:
+        protocol._response_pending = False
     if response.code != 250:
         raise SMTPDataError(response.code, response.message)
     return response

@@ -142,6 +142,22 @@ def test_idle_client_is_disconnected_after_timeout(stack):
     assert relay.wait_for_log("event=timeout"), relay.describe()
 
 
+def test_each_command_restarts_the_idle_timeout(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, TIMEOUT="1.5")
+    with RawClient(relay.port, timeout=10) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        started = time.monotonic()
+        for _ in range(4):  # 4 x 0.8 s: longer than TIMEOUT in all, never idle that long at once
+            time.sleep(0.8)
+            assert c.cmd("NOOP")[0] == 250
+        assert time.monotonic() - started > 3
+        last = time.monotonic()
+        assert c.closed_by_peer(8)
+        assert 1.2 < time.monotonic() - last < 4, "idle for TIMEOUT after the last command, then closed"
+        assert b"421 4.4.2 " in c.buf, c.buf
+
+
 def test_sigterm_with_a_hung_upstream_exits_0_within_the_timeout_and_never_answers_250(stack):
     upstream = stack.sink()
     upstream.configure(hang=20)

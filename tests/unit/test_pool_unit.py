@@ -92,6 +92,22 @@ def test_idle_session_expires_and_is_quit():
     asyncio.run(main())
 
 
+def test_each_idle_session_expires_on_its_own_schedule():
+    async def main() -> None:
+        pool, made = make_pool(idle_seconds=0.3)
+        first, second = await pool.acquire(), await pool.acquire()
+        pool.release(first, reusable=True)
+        await asyncio.sleep(0.15)
+        pool.release(second, reusable=True)
+        await asyncio.sleep(0.25)  # first idle 0.4 s (gone), second 0.25 s (kept)
+        assert (made[0].quits, made[1].quits, pool.idle) == (1, 0, 1)
+        await asyncio.sleep(0.15)
+        assert (made[1].quits, pool.idle) == (1, 0)
+        await pool.close()
+
+    asyncio.run(main())
+
+
 def test_session_is_closed_after_max_messages_and_pool_size_is_bounded():
     async def main() -> None:
         pool, made = make_pool(max_messages=2, size=1)
