@@ -366,13 +366,18 @@ async def _next_reply(protocol: SMTPProtocol, seconds: float) -> SMTPResponse:
     waiter = protocol._response_waiter
     if waiter is None:
         raise SMTPServerDisconnected("Connection lost")
+    # A timer that fails the waiter: cheaper than asyncio.timeout(), which cancels and uncancels the task.
+    timer = protocol._loop.call_later(seconds, _expire_reply, waiter)
     try:
-        async with asyncio.timeout(seconds):
-            return await waiter
-    except TimeoutError:
-        raise SMTPReadTimeoutError("Timed out waiting for server response") from None
+        return await waiter
     finally:
+        timer.cancel()
         protocol._response_waiter = None if protocol.transport is None else protocol._loop.create_future()
+
+
+def _expire_reply(waiter: asyncio.Future[SMTPResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(SMTPReadTimeoutError("Timed out waiting for server response"))
 
 
 async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, seconds: float) -> SMTPResponse:
