@@ -223,9 +223,10 @@ class Upstream:
                 self.pool.discard(conn)
                 if conn.reused and retry_allowed and dialogue.retry_safe:
                     return _RETRY
-            elif dialogue.data_started:
+            elif dialogue.data_started or exc.code < 200:
                 # DATA was accepted (354) although the envelope failed: only closing the session, without the
-                # final dot, ends the transaction with nothing delivered.
+                # final dot, ends the transaction with nothing delivered. A reply aiosmtplib could not read
+                # (code -1: malformed, too long) leaves the session out of step: it is not reused either.
                 self.pool.discard(conn)
             else:
                 # A verdict on this transaction; end it (RSET) so nothing half-done stays, and keep the session.

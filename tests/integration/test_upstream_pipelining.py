@@ -100,3 +100,14 @@ def test_aiosmtpd_upstream_without_pipelining_still_relays(stack):
     sink.configure(refuse_rcpt={"bad@example.com": "550 5.1.1 No such user"})
     assert transaction(relay.port, "sender@example.com", ["bad@example.com"], MSG)[1] == 550
     assert [m.rcpt_tos for m in sink.wait_for_messages(1)] == [["a@example.com", "b@example.com"]]
+
+
+def test_unreadable_reply_is_answered_451_and_the_session_is_not_reused(stack):
+    script = Script(rcpt={"odd@example.com": b"garbage instead of a reply"})
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        stage, code, text = transaction(relay.port, "sender@example.com", ["odd@example.com"], MSG)
+        assert (stage, code) == ("DATA", 451), text
+        assert transaction(relay.port, "sender@example.com", ["good@example.com"], MSG)[1] == 250
+        assert [m[1] for m in upstream.messages] == [["good@example.com"]]
+        assert upstream.sessions == 2, "a session whose replies could not be read is out of step: not reused"
