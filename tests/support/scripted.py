@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
+
+from .net import ThreadedServer
 
 
 @dataclass
@@ -26,40 +27,15 @@ class Script:
     reply_gap: float = 0.0  # > 0: each reply of a read in its own write, this many seconds apart
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedServer):
     def __init__(self, script: Script | None = None) -> None:
+        super().__init__()
         self.script = script or Script()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
         self.reads: list[list[str]] = []  # command lines per read, in order
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.aborted_data = 0  # sessions closed after 354 without the final dot
-        self.sessions = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> ScriptedUpstream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.sessions += 1
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
+    def session(self, conn: socket.socket) -> None:
         s = self.script
         deadline = time.monotonic() + 30
         buffer = b""

@@ -20,7 +20,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from .net import free_port
+from .net import ThreadedServer, free_port
 
 
 @dataclass
@@ -227,32 +227,18 @@ def down_port() -> int:
     return port
 
 
-class JunkUpstream:
+class JunkUpstream(ThreadedServer):
     """A TCP server that is not a proper SMTP server: it sends `greeting` bytes, then (optionally) answers
     every line with `reply`, and closes after `linger` seconds. Every wait is bounded."""
 
     def __init__(self, greeting: bytes, reply: bytes | None = None, linger: float = 5.0) -> None:
+        super().__init__()
         self.greeting = greeting
         self.reply = reply
         self.linger = linger
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
         self.received = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
+    def session(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + self.linger
         with conn:
             with contextlib.suppress(OSError):
@@ -268,12 +254,3 @@ class JunkUpstream:
                     self.received += data
                     if self.reply is not None:
                         conn.sendall(self.reply)
-
-    def start(self) -> JunkUpstream:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
