@@ -79,6 +79,8 @@ class UpstreamSettings:
 
 # Message bytes are handed to the transport in pieces of about this size.
 WRITE_BATCH = 256 * 1024
+# Pipelined commands per write: 32 replies of up to 512 bytes stay within aiosmtplib's 32 KiB reply buffer.
+PIPELINE_GROUP = 32
 
 
 def client_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -219,17 +221,19 @@ class Upstream:
             response = await _send_body(client, header, body, self.settings.timeout)
         except SMTPResponseException as exc:
             if exc.code == 421 or not client.is_connected:
-                # The upstream is closing this session.
+                # The upstream is closing this session. A 421 says nothing of the message, so a stale pooled
+                # session is retried; any other reply (a refusal, then a hang-up) is a verdict and is answered.
                 self.pool.discard(conn)
-                if conn.reused and retry_allowed and dialogue.retry_safe:
+                if exc.code == 421 and conn.reused and retry_allowed and dialogue.retry_safe:
                     return _RETRY
-            elif dialogue.data_started or exc.code < 200:
+            elif (dialogue.data_started and not isinstance(exc, _EndOfDataRefused)) or exc.code < 200:
                 # DATA was accepted (354) although the envelope failed: only closing the session, without the
                 # final dot, ends the transaction with nothing delivered. A reply aiosmtplib could not read
                 # (code -1: malformed, too long) leaves the session out of step: it is not reused either.
                 self.pool.discard(conn)
             else:
-                # A verdict on this transaction; end it (RSET) so nothing half-done stays, and keep the session.
+                # A verdict on this transaction (the envelope, or the end of data); end it (RSET) so nothing
+                # half-done stays, and keep the session.
                 try:
                     reset = await _reset(client)
                 except BaseException:  # cancelled while resetting: the session's state is unknown
@@ -250,6 +254,9 @@ class Upstream:
             raise
         self.pool.release(conn, reusable=True)
         return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message)
+
+
+_STAGE_OF = {b"MAIL": Stage.MAIL, b"RCPT": Stage.RCPT, b"DATA": Stage.DATA}
 
 
 def _path(address: str) -> bytes:
@@ -289,7 +296,7 @@ class _Dialogue:
         self._check_data(await client.execute_command(b"DATA"))
 
     async def pipelined_envelope(self, mail_from: str, options: list[bytes], rcpt_tos: Sequence[str]) -> None:
-        """RFC 2920: MAIL and every RCPT in one write (and DATA too for a single recipient), then their replies.
+        """RFC 2920: MAIL and the RCPTs in one write (and DATA too for a single recipient), then their replies.
 
         One round trip and one write instead of three or more of each per message. DATA joins the group only
         for a single recipient: if that one is refused, DATA is refused too and the session stays usable. With
@@ -297,46 +304,67 @@ class _Dialogue:
         so DATA waits for their replies. Should an upstream still accept DATA after a refusal, the session is
         closed without the final dot (see `_transaction`), so nothing is delivered.
 
-        aiosmtplib reads one reply per command: the replies after the first are taken from its protocol's
-        buffer (or awaited one by one), and every reply is read before any is judged, so the session stays in
-        step.
+        Commands go in groups of at most `PIPELINE_GROUP`, so that a group's replies (512 bytes each at most,
+        RFC 5321) fit aiosmtplib's 32 KiB reply buffer; a refusal ends the envelope before the next group.
+        Every reply of a group is read before any is judged, so the session stays in step; an upstream that
+        refuses and hangs up at once has its refusal answered, not a lost connection.
         """
         client = self.client
-        protocol = client.protocol
-        if protocol is None or protocol._command_lock is None:
-            raise SMTPServerDisconnected("Connection lost")
-        with_data = len(rcpt_tos) == 1
         commands = [b" ".join((b"MAIL FROM:" + _path(mail_from), *options))]
         commands += [b"RCPT TO:" + _path(rcpt) for rcpt in rcpt_tos]
+        with_data = len(rcpt_tos) == 1
         if with_data:
             commands.append(b"DATA")
         for command in commands:
             if COMMAND_INJECTION_REGEX.search(command):
                 raise ValueError("Command contains a prohibited control character")
-        data: SMTPResponse | None = None
+        recipients = iter(rcpt_tos)
+        for first in range(0, len(commands), PIPELINE_GROUP):
+            group = commands[first : first + PIPELINE_GROUP]
+            responses = await self._exchange(group)
+            if group[-1] == b"DATA" and len(responses) == len(group):
+                self.data_started = responses[-1].code == 354
+            for command, response in zip(group, responses, strict=False):
+                self.stage = _STAGE_OF[command[:4]]
+                if self.stage is Stage.MAIL:
+                    self._check_mail(response, mail_from)
+                elif self.stage is Stage.RCPT:
+                    self._check_rcpt(response, next(recipients))
+                else:
+                    self._check_data(response)
+            if len(responses) < len(group):  # only after a refusal, which was raised above
+                raise SMTPServerDisconnected("Connection lost")
+        if not with_data:
+            self.stage = Stage.DATA
+            self._check_data(await client.execute_command(b"DATA"))
+
+    async def _exchange(self, commands: list[bytes]) -> list[SMTPResponse]:
+        """Write `commands` at once and read their replies in order.
+
+        aiosmtplib reads one reply per command: the replies after the first are taken from its protocol's
+        buffer (or awaited one by one). If the connection breaks after a refusal was read, the replies read so
+        far are returned (fewer than the commands) so the refusal is judged; otherwise the break is raised.
+        `stage` follows the reply being awaited.
+        """
+        client = self.client
+        protocol = client.protocol
+        if protocol is None or protocol._command_lock is None:
+            raise SMTPServerDisconnected("Connection lost")
+        responses: list[SMTPResponse] = []
         async with protocol._command_lock:
             protocol._response_pending = True
             try:
                 protocol.write(b"\r\n".join(commands) + b"\r\n")
-                mail = await _next_reply(protocol, self.seconds)
-                self.stage = Stage.RCPT
-                rcpts = [await _next_reply(protocol, self.seconds) for _ in rcpt_tos]
-                if with_data:
-                    self.stage = Stage.DATA
-                    data = await _next_reply(protocol, self.seconds)
+                for command in commands:
+                    self.stage = _STAGE_OF[command[:4]]
+                    responses.append(await _next_reply(protocol, self.seconds))
             except (SMTPServerDisconnected, SMTPTimeoutError):
                 client.close()
-                raise
+                if not any(r.code >= 400 for r in responses):
+                    raise
             finally:
                 protocol._response_pending = False
-        self.data_started = data is not None and data.code == 354
-        self.stage = Stage.MAIL
-        self._check_mail(mail, mail_from)
-        self.stage = Stage.RCPT
-        for response, rcpt in zip(rcpts, rcpt_tos, strict=True):
-            self._check_rcpt(response, rcpt)
-        self.stage = Stage.DATA
-        self._check_data(data if data is not None else await client.execute_command(b"DATA"))
+        return responses
 
     @staticmethod
     def _check_mail(response: SMTPResponse, mail_from: str) -> None:
@@ -419,8 +447,12 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
     finally:
         protocol._response_pending = False
     if response.code != 250:
-        raise SMTPDataError(response.code, response.message)
+        raise _EndOfDataRefused(response.code, response.message)
     return response
+
+
+class _EndOfDataRefused(SMTPDataError):
+    """The upstream's final reply refused the message: the transaction is over and the session in step."""
 
 
 def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = "", problem: str = "") -> Outcome:

@@ -111,3 +111,57 @@ def test_unreadable_reply_is_answered_451_and_the_session_is_not_reused(stack):
         assert transaction(relay.port, "sender@example.com", ["good@example.com"], MSG)[1] == 250
         assert [m[1] for m in upstream.messages] == [["good@example.com"]]
         assert upstream.sessions == 2, "a session whose replies could not be read is out of step: not reused"
+
+
+def test_hundreds_of_recipients_with_long_replies_are_pipelined_in_bounded_groups(stack):
+    # 600 replies of 100 bytes would overflow the upstream client's 32 KiB reply buffer in one group.
+    script = Script(rcpt_ok=b"250 2.1.5 Recipient <accepted> " + b"x" * 68)
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="10")
+        rcpts = [f"r{i}@example.com" for i in range(600)]
+        assert transaction(relay.port, "sender@example.com", rcpts, MSG, timeout=60)[1] == 250
+        assert upstream.messages[0][1] == rcpts
+        envelope = [read for read in _envelope_reads(upstream) if read != ["DATA"]]
+        assert sum(len(read) for read in envelope) == 601 and max(len(read) for read in envelope) <= 32
+
+
+@pytest.mark.parametrize(
+    ("script", "rcpts", "expected"),
+    [
+        (
+            Script(sender={"blocked@example.com": b"554 5.7.1 Sender blocked"}, hang_up_after_refusal=True),
+            ["a@example.com"],
+            554,
+        ),
+        (
+            Script(rcpt={"bad@example.com": b"550 5.7.1 Prohibited"}, hang_up_after_refusal=True),
+            ["bad@example.com"],
+            550,
+        ),
+        (
+            Script(rcpt={"bad@example.com": b"550 5.7.1 Prohibited"}, hang_up_after_refusal=True),
+            ["ok@example.com", "bad@example.com"],
+            550,
+        ),
+    ],
+)
+def test_refusal_followed_by_a_hang_up_is_answered_with_the_refusal(stack, script, rcpts, expected):
+    # Some servers (Exim's drop ACL, "554 blocked" gateways) refuse and close at once: their verdict counts.
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        assert transaction(relay.port, "sender@example.com", ["warm@example.com"], MSG)[1] == 250
+        sender = "blocked@example.com" if expected == 554 else "sender@example.com"
+        _, code, text = transaction(relay.port, sender, rcpts, MSG)
+        assert code == expected, text
+        assert upstream.sessions == 1, "a verdict is not retried on a fresh session"
+        assert len(upstream.messages) == 1
+        assert transaction(relay.port, "sender@example.com", ["next@example.com"], MSG)[1] == 250
+
+
+def test_refused_end_of_data_keeps_the_session(stack):
+    with ScriptedUpstream(Script(end_of_data=b"554 5.7.1 Looks like spam")) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for _ in range(3):
+            stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
+            assert (stage, code) == ("DATA", 554) and "spam" in text
+        assert upstream.sessions == 1, "after a refused end of data the session is reset and reused"

@@ -20,11 +20,14 @@ from .net import ThreadedServer
 class Script:
     pipelining: bool = True
     mail: bytes = b"250 2.1.0 OK"
-    rcpt: dict[str, bytes] = field(default_factory=dict)  # address -> reply; others get 250
+    sender: dict[str, bytes] = field(default_factory=dict)  # address -> reply to its MAIL; others get `mail`
+    rcpt: dict[str, bytes] = field(default_factory=dict)  # address -> reply; others get `rcpt_ok`
+    rcpt_ok: bytes = b"250 2.1.5 OK"
     data: bytes = b"354 End data with <CR><LF>.<CR><LF>"
     data_no_rcpt: bytes = b"554 5.5.1 No valid recipients"  # DATA after every recipient was refused
     end_of_data: bytes = b"250 2.0.0 OK queued"
     reply_gap: float = 0.0  # > 0: each reply of a read in its own write, this many seconds apart
+    hang_up_after_refusal: bool = False  # close the connection after answering MAIL or RCPT with 4xx/5xx
 
 
 class ScriptedUpstream(ThreadedServer):
@@ -77,11 +80,11 @@ class ScriptedUpstream(ThreadedServer):
                         answers.append(b"\r\n".join(b"250-" + c for c in caps[:-1]) + b"\r\n250 " + caps[-1])
                     elif verb == b"MAIL":
                         mail_from, rcpts = line[10:].split(b">")[0].strip(b"<").decode(), []
-                        answers.append(s.mail)
-                        in_mail = s.mail.startswith(b"2")
+                        answers.append(s.sender.get(mail_from, s.mail))
+                        in_mail = answers[-1].startswith(b"2")
                     elif verb == b"RCPT":
                         address = line[8:].split(b">")[0].strip(b"<").decode()
-                        reply = s.rcpt.get(address, b"250 2.1.5 OK") if in_mail else b"503 5.5.1 Need MAIL first"
+                        reply = s.rcpt.get(address, s.rcpt_ok) if in_mail else b"503 5.5.1 Need MAIL first"
                         if reply.startswith(b"2"):
                             rcpts.append(address)
                         answers.append(reply)
@@ -97,6 +100,11 @@ class ScriptedUpstream(ThreadedServer):
                         return
                     else:
                         answers.append(b"502 5.5.2 not in the script")
+                if s.hang_up_after_refusal:
+                    refused = next((n for n, a in enumerate(answers) if a[:1] in (b"4", b"5")), None)
+                    if refused is not None:
+                        conn.sendall(b"".join(a + b"\r\n" for a in answers[: refused + 1]))
+                        return
                 if s.reply_gap > 0:
                     for answer in answers:
                         conn.sendall(answer + b"\r\n")
