@@ -126,6 +126,28 @@ def _rules_out(reader: asyncio.StreamReader, scanner: EndOfDataScanner, need: in
     return not scanner.completes(bytes(buffered[:need]))
 
 
+def _lines_fit(data: bytes, carried: int, allowed: int) -> bool:
+    """Whether every line of `data` has at most `allowed` bytes besides its CRLF, the first one continuing a line
+    of `carried` bytes, and the last one possibly unfinished. `data` has CRLF line ends only (no bare CR or LF).
+
+    Jumps from a line end to the last line end within reach (rfind is memrchr), about `allowed` bytes at a
+    time, instead of splitting the data into lines.
+    """
+    start, end = 0, len(data)
+    while True:
+        # The line that starts at `start` fits if its LF is before `reach`.
+        reach = start + allowed + 2 - carried
+        if reach > end:
+            last = data.rfind(b"\n", start)
+            if last < 0:
+                return end - start + carried <= allowed
+            return end - last - 1 <= allowed
+        last = data.rfind(b"\n", start, reach)
+        if last < 0:
+            return False
+        start, carried = last + 1, 0
+
+
 def _marker_prefix(tail: bytes) -> int:
     """The length of the longest suffix of `tail` that begins an end marker (0 to 4)."""
     for k in (4, 3, 2, 1):
@@ -181,6 +203,19 @@ class MessageBody:
                 return
         if self.refusal is not None:
             return
+        crlf = data.count(b"\r\n")
+        bare = data.count(b"\r") + data.count(b"\n") - 2 * crlf
+        too_big = self.size_limit is not None and self.size + len(data) > self.size_limit
+        if bare or too_big or not _lines_fit(data, self._line, self.line_limit - 2):
+            self._feed_exactly(data)
+            return
+        # The common case: CRLF lines only, all within the limit. No per-line objects (a 100 KB body has 1300).
+        self.size += len(data)
+        self._line = len(data) - data.rfind(b"\n") - 1 if crlf else self._line + len(data)
+        self._store(data)
+
+    def _feed_exactly(self, data: bytes) -> None:
+        """`feed` line by line: bare CR or LF to count, or a limit crossed (which one first decides the reply)."""
         pieces = data.split(b"\r\n")
         crlf = len(pieces) - 1
         bare = (data.count(b"\r") - crlf) + (data.count(b"\n") - crlf)

@@ -22,6 +22,9 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Printable ASCII but for the quote, backslash and equals sign: such values are written as they are.
 _PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
 _plain = _PLAIN.fullmatch
+# Printable ASCII and spaces but for the quote and backslash (replies, reasons): quoted, nothing to escape.
+_QUOTABLE = re.compile(r"[ !#-\[\]-~]*")
+_quotable = _QUOTABLE.fullmatch
 
 
 def escape(value: object) -> str:
@@ -31,6 +34,8 @@ def escape(value: object) -> str:
     text = value if type(value) is str else str(value)
     if _plain(text):
         return text
+    if _quotable(text):
+        return '"' + text + '"'
     out = []
     for ch in text:
         if ch in _ESCAPES:
@@ -153,6 +158,9 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return record.msg not in _LIBRARY_NOISE
 
 
+_LEVEL_NAMES = {level: logging.getLevelName(level) for level in range(logging.CRITICAL + 1)}
+
+
 class LineHandler(logging.Handler):
     """Writes each line to stdout and LOG_FILE; lines logged in one event-loop turn go out in one write each.
 
@@ -180,7 +188,7 @@ class LineHandler(logging.Handler):
         """One of our own events, without a LogRecord (see `event`)."""
         formatter = self.formatter
         assert isinstance(formatter, _FormatOnce)
-        self._queue(formatter.format_event(time.time(), logging.getLevelName(level), name, fields))
+        self._queue(formatter.format_event(time.time(), _LEVEL_NAMES[level], name, fields))
 
     def _queue(self, line: str) -> None:
         self._pending.append(line)

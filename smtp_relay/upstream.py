@@ -187,12 +187,14 @@ class Upstream:
             except _SetupFailed as failure:
                 return dataclasses.replace(failure.outcome, duration=time.monotonic() - started)
             result = await self._transaction(
-                conn, mail_from, rcpt_tos, header, body, eight_bit, retry_allowed=not fresh
+                conn, mail_from, rcpt_tos, header, body, eight_bit, retry_allowed=not fresh, started=started
             )
             if result is _RETRY:
                 fresh = True
                 continue
             assert isinstance(result, Outcome)
+            if result.delivered:  # made with its duration (dataclasses.replace costs more than the line)
+                return result
             return dataclasses.replace(result, duration=time.monotonic() - started)
 
     async def _transaction(
@@ -205,6 +207,7 @@ class Upstream:
         eight_bit: bool,
         *,
         retry_allowed: bool,
+        started: float,
     ) -> Outcome | object:
         client = conn.client
         dialogue = _Dialogue(client, self.settings.timeout)
@@ -253,7 +256,8 @@ class Upstream:
             self.pool.discard(conn)
             raise
         self.pool.release(conn, reusable=True)
-        return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message)
+        duration = time.monotonic() - started
+        return Outcome(True, replies.TRANSACTION_OK, Stage.DONE, response.code, response.message, "", duration)
 
 
 _STAGE_OF = {b"MAIL": Stage.MAIL, b"RCPT": Stage.RCPT, b"DATA": Stage.DATA}

@@ -6,9 +6,10 @@ import asyncio
 import itertools
 import os
 import re
+import unittest.mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from smtp_relay.body import END_OF_DATA, LINE_LENGTH_LIMIT, MessageBody, Refusal, receive
@@ -275,3 +276,36 @@ def test_a_spool_that_cannot_be_written_refuses_the_body_but_still_reads_it_to_i
     body, rest = run_receive(wire + b".\r\nMAIL FROM:<a@example.com>\r\n", [], memory_limit=500)
     assert body.refusal is Refusal.SPOOL_FAILED and isinstance(body.spool_error, OSError)
     assert rest == b"MAIL FROM:<a@example.com>\r\n", "the body's lines are never taken for commands"
+
+
+def _fed(pieces: list[bytes], line_limit: int, size_limit: int | None) -> tuple[object, ...]:
+    body = MessageBody(size_limit=size_limit, line_limit=line_limit)
+    for piece in pieces:
+        body.feed(piece)
+    body.finish()
+    stored = b"".join(body._stored()) if body.refusal is None else None
+    return body.size, body.bare_line_ends, body._line, body.refusal, stored
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=70), st.sampled_from([b"\r\n", b"\r\n", b"\r", b"\n", b""])),
+        max_size=12,
+    ).map(lambda runs: b"".join(b"x" * n + end for n, end in runs)),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+    line_limit=st.integers(min_value=3, max_value=60),
+    size_limit=st.none() | st.integers(min_value=0, max_value=500),
+)
+@example(data=b"xxxx", cuts=[], line_limit=5, size_limit=None)  # an open line one byte over
+@example(data=b"xxx\r\nxxxx\r\nxxx", cuts=[], line_limit=5, size_limit=None)  # a middle line one byte over
+@example(data=b"xx\r\nxxx\r\nxxx", cuts=[2, 4], line_limit=5, size_limit=None)  # all at the limit, cut
+def test_the_line_jumping_fast_path_agrees_with_line_by_line_counting(data, cuts, line_limit, size_limit):
+    # feed() skips per-line work for CRLF-only pieces within the limits; the result must be the same as
+    # splitting every piece into lines: size, bare line ends, the open line, the refusal and what is stored.
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    fast = _fed(pieces, line_limit, size_limit)
+    with unittest.mock.patch("smtp_relay.body._lines_fit", return_value=False):  # every piece line by line
+        exact = _fed(pieces, line_limit, size_limit)
+    assert fast == exact
