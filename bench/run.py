@@ -459,6 +459,16 @@ def main() -> int:
             RELAY_TLS_CA_FILE=str(ca_pem),
         )
         procs.append(relay_tls.proc)
+        # The same with upstream connection reuse off: what the pool saves over a TLS handshake per message.
+        relay_tls_fresh = Relay(
+            workdir,
+            "tls-no-pool",
+            tunnel.port,
+            RELAY_USE_SSL="true",
+            RELAY_TLS_CA_FILE=str(ca_pem),
+            RELAY_POOL_SIZE="0",
+        )
+        procs.append(relay_tls_fresh.proc)
         postfix = Postfix(workdir, sink.port)
         log(
             f"workdir {workdir}; sink :{sink.port}, stunnel :{tunnel.port}, relay :{relay.port}, "
@@ -470,6 +480,7 @@ def main() -> int:
             "smtp-relay": (relay.port, True, relay.cpu),
             "postfix": (postfix.port, True, postfix.cpu),
             "smtp-relay, TLS upstream": (relay_tls.port, True, relay_tls.cpu),
+            "smtp-relay, TLS upstream, no reuse": (relay_tls_fresh.port, True, relay_tls_fresh.cpu),
         }
         scenarios = [
             Scenario("1 KB, 10/conn, 10 conns", 1024, 10, 10, 20 * k, ("ceiling", "smtp-relay", "postfix")),
@@ -478,10 +489,18 @@ def main() -> int:
             Scenario(
                 "1 KB, 10/conn, 10 conns, upstream", 1024, 10, 10, 20 * k, ("smtp-relay", "smtp-relay, TLS upstream")
             ),
+            Scenario(
+                "1 KB, 10/conn, 10 conns, TLS upstream",
+                1024,
+                10,
+                10,
+                2 * k,
+                ("smtp-relay, TLS upstream", "smtp-relay, TLS upstream, no reuse"),
+            ),
         ]
         # Warm-up (imports, TLS contexts, Postfix's processes) outside the measurements.
         warm = Scenario("warm-up", 1024, 5, 2, 1, ())
-        for name in ("smtp-relay", "postfix", "smtp-relay, TLS upstream"):
+        for name in ("smtp-relay", "postfix", "smtp-relay, TLS upstream", "smtp-relay, TLS upstream, no reuse"):
             port, auth, cpu_of = targets[name]
             run_load(port, warm, auth, sink, cpu_of)
         results: dict[tuple[str, str], Row] = {}
@@ -543,6 +562,12 @@ def print_report(
         )
     up = scenarios[3].name
     print(f"- TLS upstream / plain upstream = {med(up, 'smtp-relay, TLS upstream') / med(up, 'smtp-relay'):.2f}x")
+    tls, reuse, fresh = scenarios[4].name, "smtp-relay, TLS upstream", "smtp-relay, TLS upstream, no reuse"
+    print(
+        f"- TLS upstream, connection reuse / a connection per message (RELAY_POOL_SIZE=0) = "
+        f"{med(tls, reuse) / med(tls, fresh):.2f}x msgs/s, "
+        f"{med(tls, fresh, 'cpu_ms') / med(tls, reuse, 'cpu_ms'):.2f}x less CPU per message"
+    )
     print("\nmemory (smtp-relay):")
     for line in mem.values():
         print(f"- {line}")

@@ -72,6 +72,10 @@ def _run(settings: Settings) -> int:
 
     for warning in settings.warnings():
         logs.event(logging.WARNING, "config.warning", message=warning)
+    if settings.workers > 1:
+        from smtp_relay.workers import Supervisor
+
+        return Supervisor(settings).run()
 
     async def serve() -> int:
         return await RelayServer(settings).serve()

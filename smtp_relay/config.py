@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     relay_pool_size: int = Field(POOL_SIZE, ge=0, le=1000)
     relay_pool_idle_seconds: float = Field(IDLE_SECONDS, gt=0, le=3600)
     relay_pool_max_messages: int = Field(MAX_MESSAGES_PER_CONNECTION, ge=1, le=1_000_000)
+    workers: int = Field(1, ge=1, le=64)
 
     @field_validator("allowed_from_domains", "allowed_to_domains", mode="before")
     @classmethod

@@ -158,6 +158,29 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return record.msg not in _LIBRARY_NOISE
 
 
+# Lines go out in writes of at most this many characters (whole lines), so that the lines of several worker
+# processes sharing stdout (a pipe: PIPE_BUF is 4096 bytes) or LOG_FILE (O_APPEND) never interleave.
+WRITE_LIMIT = 4000
+
+
+def _batches(lines: list[str]) -> list[str]:
+    """`lines` joined, each with its newline, into as few texts of at most WRITE_LIMIT characters as fit."""
+    text = "\n".join(lines) + "\n"
+    if len(text) <= WRITE_LIMIT:
+        return [text]
+    batches: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        if batch and size + len(line) + 1 > WRITE_LIMIT:
+            batches.append("\n".join(batch) + "\n")
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line) + 1
+    batches.append("\n".join(batch) + "\n")
+    return batches
+
+
 _LEVEL_NAMES = {level: logging.getLevelName(level) for level in range(logging.CRITICAL + 1)}
 
 
@@ -210,14 +233,14 @@ class LineHandler(logging.Handler):
     def _write(self) -> None:
         if not self._pending:
             return
-        text = "\n".join(self._pending) + "\n"
-        self._pending.clear()
-        for stream in self.streams:
-            try:
-                stream.write(text)
-                stream.flush()
-            except (OSError, ValueError):  # a full disk or a closed stdout must not stop the relay
-                pass
+        lines, self._pending = self._pending, []
+        for text in _batches(lines):
+            for stream in self.streams:
+                try:
+                    stream.write(text)
+                    stream.flush()
+                except (OSError, ValueError):  # a full disk or a closed stdout must not stop the relay
+                    pass
 
     def close(self) -> None:
         self.flush()

@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import sys
+from collections.abc import Sequence
 
 from smtp_relay import __version__, logs
 from smtp_relay.auth import Authenticator
@@ -59,7 +60,7 @@ class RelayServer:
         password = settings.smtp_auth_password.get_secret_value()
         self._authenticator = Authenticator(settings.smtp_auth_username, password, throttle)
         self._template: RelaySMTP | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._should_exit = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
@@ -102,28 +103,42 @@ class RelayServer:
             loop=asyncio.get_running_loop(),
         )
 
-    async def serve(self) -> int:
-        await self.startup()
+    async def serve(self, sockets: Sequence[socket.socket] = (), worker: int | None = None) -> int:
+        """Serve until SIGTERM/SIGINT. A worker (see `workers`) serves `sockets` its supervisor bound."""
+        await self.startup(sockets, worker)
         await self._should_exit.wait()
         await self.shutdown()
         return 0
 
-    async def startup(self) -> None:
+    def stop(self) -> None:
+        """Begin a graceful shutdown, as the first SIGTERM does."""
+        self._should_exit.set()
+
+    async def startup(self, sockets: Sequence[socket.socket] = (), worker: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        try:
-            self._server = await loop.create_server(
-                self._protocol_factory, s.listen_host, s.listen_port, reuse_address=True, backlog=1024
-            )
-        except OSError as exc:
-            raise ConfigError(
-                "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
-            ) from None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        if sockets:
+            for sock in sockets:
+                self._servers.append(await loop.create_server(self._protocol_factory, sock=sock, backlog=1024))
+        else:
+            try:
+                self._servers.append(
+                    await loop.create_server(
+                        self._protocol_factory, s.listen_host, s.listen_port, reuse_address=True, backlog=1024
+                    )
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
+                ) from None
+        # A worker leaves SIGINT (a terminal's Ctrl-C reaches the whole process group) to its supervisor,
+        # which passes it on as SIGTERM: two signals would force the worker down at once.
+        for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         logs.event(
             logging.INFO,
             "listening",
+            worker=worker,
             version=__version__,
             host=s.listen_host,
             port=s.listen_port,
@@ -146,8 +161,8 @@ class RelayServer:
         self._should_exit.set()
 
     async def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for protocol in list(self.connections):
             protocol.begin_shutdown()
         try:

@@ -65,6 +65,8 @@ def test_domain_lists_split_on_commas_and_ignore_spaces(monkeypatch: pytest.Monk
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("MAX_MESSAGE_SIZE", "ten"),
+        ("WORKERS", "0"),
+        ("WORKERS", "65"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -158,3 +160,27 @@ def test_pool_settings_default_and_zero_disables_reuse(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert err.value.variable == "RELAY_POOL_MAX_MESSAGES"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (1, 50, 5)),
+        ({"WORKERS": "2"}, (2, 25, 3)),
+        ({"WORKERS": "4", "MAX_CONNECTIONS": "3", "AUTH_MAX_FAILURES": "1"}, (4, 1, 1)),
+        ({"WORKERS": "3", "MAX_CONNECTIONS": "100", "AUTH_MAX_FAILURES": "10"}, (3, 33, 4)),
+    ],
+)
+def test_workers_share_out_the_connection_and_login_failure_limits(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: tuple[int, int, int]
+) -> None:
+    from smtp_relay.workers import worker_share
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    share = worker_share(settings)
+    assert (settings.workers, share.max_connections, share.auth_max_failures) == expected
+    # Totals never exceed what the operator set (one connection and one failure per worker at the least).
+    assert share.max_connections * settings.workers <= max(settings.max_connections, settings.workers)
+    assert share.auth_max_failures * settings.workers < settings.auth_max_failures + settings.workers

@@ -1,0 +1,219 @@
+"""Several relay processes on one listening socket (WORKERS > 1): a supervisor starts, watches and stops them.
+
+One Python process relays on one core. With WORKERS=N the supervisor binds the listening socket once, forks N
+workers that each run a whole relay (event loop, upstream pool, login throttle) on that shared socket, and
+restarts a worker that dies. The kernel hands each new connection to whichever worker accepts it first, so a
+busy worker takes fewer. The supervisor itself relays nothing: on SIGTERM or SIGINT it passes SIGTERM to every
+worker (each finishes its transactions, as a single relay does), a second signal forces them, and it exits
+once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
+
+Limits are shared out so that the totals stay what the operator set: each worker takes MAX_CONNECTIONS / N
+connections and locks an address out after AUTH_MAX_FAILURES / N failures (rounded up) that it saw itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from smtp_relay import logs
+from smtp_relay.config import ConfigError, Settings
+
+# How often the supervisor looks for exited workers, and a worker for its supervisor.
+POLL_SECONDS = 0.2
+WATCHDOG_SECONDS = 1.0
+# A worker that dies sooner than this after its start is restarted only after RESTART_DELAY (no crash loop).
+MIN_UPTIME = 5.0
+RESTART_DELAY = 1.0
+
+
+def worker_share(settings: Settings) -> Settings:
+    """The settings of one worker: the connection and login-failure limits divided among the workers."""
+    n = settings.workers
+    return settings.model_copy(
+        update={
+            "max_connections": max(1, settings.max_connections // n),
+            "auth_max_failures": math.ceil(settings.auth_max_failures / n),
+        }
+    )
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for host:port, one per address, as asyncio's `create_server` makes them."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sockets
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    restart_at: float = 0.0  # > 0: exited; start again at this monotonic time
+
+
+class Supervisor:
+    """Runs `settings.workers` relay processes on one socket; `run()` returns the exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        from smtp_relay.server import RelayServer
+
+        self.settings = settings
+        self._worker_settings = worker_share(settings)
+        RelayServer(self._worker_settings)  # any configuration error (TLS files) shows here, once
+        self._sockets: list[socket.socket] = []
+        self._workers = [_Worker(i) for i in range(1, settings.workers + 1)]
+        self._signals = 0
+        self._pending_signals: list[int] = []
+        self._failed = False
+
+    def run(self) -> int:
+        s = self.settings
+        self._sockets = bind(s.listen_host, s.listen_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        logs.event(
+            logging.INFO,
+            "supervisor.started",
+            workers=s.workers,
+            host=s.listen_host,
+            port=s.listen_port,
+            max_connections_per_worker=self._worker_settings.max_connections,
+        )
+        try:
+            for worker in self._workers:
+                self._start(worker)
+            while any(w.pid for w in self._workers) or not self._signals:
+                while self._pending_signals:
+                    self._pass_on(self._pending_signals.pop(0))
+                self._reap()
+                now = time.monotonic()
+                for worker in self._workers:
+                    if not worker.pid and not self._signals and 0 < worker.restart_at <= now:
+                        self._start(worker)
+                time.sleep(POLL_SECONDS)
+        finally:
+            for sock in self._sockets:
+                sock.close()
+        logs.event(logging.INFO, "shutdown.complete", workers=s.workers)
+        return 1 if self._failed else 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only noted here: the main loop acts on it (a handler that logs could re-enter a write in progress).
+        self._pending_signals.append(signum)
+
+    def _pass_on(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        running = [w.pid for w in self._workers if w.pid]
+        if self._signals == 1:
+            logs.event(logging.INFO, "shutdown.started", signal=name, workers=len(running))
+        else:
+            logs.event(logging.WARNING, "shutdown.forced", signal=name, workers=len(running))
+        for pid in running:  # a worker's second SIGTERM forces it
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _start(self, worker: _Worker) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's code
+            code = 70
+            try:
+                code = _worker_main(self._worker_settings, self._sockets, worker.index, os.getppid())
+            except ConfigError as exc:
+                print(f"smtp-relay: configuration error: {exc}", file=sys.stderr)
+                code = 2
+            except BaseException:
+                logs.log.exception("worker.crashed", extra={"fields": {"worker": worker.index}})
+            finally:
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), 0.0
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self._workers if w.pid == pid), None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            worker.pid = 0
+            if self._signals:
+                self._failed = self._failed or code != 0
+                logs.event(logging.INFO, "worker.stopped", worker=worker.index, pid=pid, exit_code=code)
+                continue
+            uptime = time.monotonic() - worker.started
+            delay = RESTART_DELAY if uptime < MIN_UPTIME else 0.0
+            worker.restart_at = time.monotonic() + delay
+            logs.event(
+                logging.ERROR,
+                "worker.exited",
+                worker=worker.index,
+                pid=pid,
+                exit_code=code,
+                uptime=f"{uptime:.1f}",
+                reason="restarting" + (f" in {delay:.0f} s" if delay else ""),
+            )
+
+
+def _worker_main(settings: Settings, sockets: list[socket.socket], index: int, supervisor: int) -> int:
+    """One worker: a whole relay on the supervisor's sockets; stops when told to or when orphaned."""
+    from smtp_relay.server import RelayServer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes Ctrl-C on as SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    server = RelayServer(settings)
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+
+        def watchdog() -> None:
+            if os.getppid() != supervisor:
+                logs.event(logging.WARNING, "worker.orphaned", worker=index, reason="supervisor gone")
+                server.stop()
+                return
+            loop.call_later(WATCHDOG_SECONDS, watchdog)
+
+        loop.call_later(WATCHDOG_SECONDS, watchdog)
+        return await server.serve(sockets, worker=index)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(serve())
+    return uvloop.run(serve())

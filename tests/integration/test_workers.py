@@ -1,0 +1,182 @@
+"""WORKERS > 1: a supervisor and N relay processes on one port. Every message is relayed, limits stay the
+operator's totals, SIGTERM drains every worker, a dead worker is replaced, and workers never outlive their
+supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+from support.client import RawClient, plain_b64, transaction
+from support.relay import CLIENT_USER
+
+MSG = b"Subject: workers\r\n\r\nbody\r\n"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat))
+    return sorted(found)
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_workers_share_one_port_and_relay_every_message(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="3")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 3)
+    workers = _children(relay.proc.pid)
+    for n in (1, 2, 3):
+        assert relay.wait_for_log("event=listening", f"worker={n}"), relay.describe()
+    assert relay.wait_for_log("event=supervisor.started", "workers=3", "max_connections_per_worker=16")
+    for i in range(30):
+        assert transaction(relay.port, "sender@example.com", [f"r{i}@example.com"], MSG)[1] == 250
+    assert sorted(m.rcpt_tos[0] for m in sink.wait_for_messages(30)) == sorted(f"r{i}@example.com" for i in range(30))
+    # Connections held open at once are spread over the workers (the kernel wakes them all; one accepts).
+    before = {pid: _sockets(pid) for pid in workers}
+    clients = [RawClient(relay.port) for _ in range(24)]
+    try:
+        gained = {pid: _sockets(pid) - before[pid] for pid in workers}
+        assert sum(gained.values()) == 24, gained
+        assert sum(1 for n in gained.values() if n > 0) >= 2, f"one worker took every connection: {gained}"
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_sigterm_lets_each_worker_finish_its_transaction_and_the_relay_exits_0(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2", TIMEOUT="10")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    workers = _children(relay.proc.pid)
+    clients = [RawClient(relay.port) for _ in range(6)]
+    for i, c in enumerate(clients):
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd(f"RCPT TO:<drain{i}@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait_for_log("event=shutdown.started", "workers=2")
+    for c in clients:
+        c.send(MSG + b".\r\n")
+        assert c.reply()[0] == 250
+        c.close()
+    assert relay.wait(timeout=15) == 0, relay.describe()
+    assert all(not os.path.exists(f"/proc/{pid}") or _children(pid) == [] for pid in workers)
+    assert _wait(lambda: all(not os.path.exists(f"/proc/{pid}") for pid in workers), 5)
+    assert len(sink.wait_for_messages(6)) == 6
+    assert relay.stdout.count("event=worker.stopped") == 2
+    assert not _listening(relay.port)
+
+
+def test_a_worker_that_dies_is_replaced_and_the_relay_keeps_serving(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    victim = _children(relay.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    line = relay.wait_for_log("event=worker.exited", f"pid={victim}", "exit_code=-9", timeout=10)
+    assert line is not None and "level=ERROR" in line, relay.describe()
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2 and victim not in _children(relay.proc.pid), 10)
+    for i in range(10):
+        assert transaction(relay.port, "sender@example.com", [f"after{i}@example.com"], MSG)[1] == 250
+    assert relay.returncode is None
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    workers = _children(relay.proc.pid)
+    relay.kill()
+    assert _wait(lambda: not any(os.path.exists(f"/proc/{pid}/stat") and _alive(pid) for pid in workers), 10)
+    assert relay.wait_for_log("event=worker.orphaned")
+    assert not _listening(relay.port)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_connection_limit_is_the_total_over_all_workers(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2", MAX_CONNECTIONS="4")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    clients, served = [], 0
+    try:
+        for _ in range(12):
+            c = RawClient(relay.port)
+            clients.append(c)
+            served += c.greeting[0] == 220
+            assert c.greeting[0] in (220, 421)
+        assert 2 <= served <= 4
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_failed_logins_are_counted_against_the_total_limit_over_all_workers(stack):
+    # Each worker locks out after ceil(AUTH_MAX_FAILURES / WORKERS) failures it saw itself: at most
+    # AUTH_MAX_FAILURES passwords are tried before every worker refuses the address.
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2", AUTH_MAX_FAILURES="4", AUTH_LOCKOUT_SECONDS="60")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    codes = []
+    for _ in range(30):
+        with RawClient(relay.port) as c:
+            assert c.cmd("EHLO attacker.test")[0] == 250
+            codes.append(c.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, "wrong-password"))[0])
+        if codes[-6:] == [421] * 6:
+            break
+    assert codes.count(535) <= 4, codes
+    assert codes[-6:] == [421] * 6, codes
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_invalid_workers_is_a_configuration_error(stack, value):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, wait=False, WORKERS=value)
+    assert relay.wait(timeout=15) == 2
+    assert "WORKERS" in relay.stderr
