@@ -158,25 +158,27 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return record.msg not in _LIBRARY_NOISE
 
 
-# Lines go out in writes of at most this many characters (whole lines), so that the lines of several worker
-# processes sharing stdout (a pipe: PIPE_BUF is 4096 bytes) or LOG_FILE (O_APPEND) never interleave.
+# Lines go out in writes of at most this many bytes (whole lines), so that the lines of several worker processes
+# sharing stdout (a pipe: writes up to PIPE_BUF, 4096 bytes, are atomic) or LOG_FILE (O_APPEND) never interleave.
+# A single line longer than that (a traceback) still goes out in one write, and on a pipe may interleave.
 WRITE_LIMIT = 4000
 
 
 def _batches(lines: list[str]) -> list[str]:
-    """`lines` joined, each with its newline, into as few texts of at most WRITE_LIMIT characters as fit."""
+    """`lines` joined, each with its newline, into as few texts of at most WRITE_LIMIT UTF-8 bytes as fit."""
     text = "\n".join(lines) + "\n"
-    if len(text) <= WRITE_LIMIT:
+    if len(text) <= WRITE_LIMIT // 4 or (text.isascii() and len(text) <= WRITE_LIMIT):
         return [text]
     batches: list[str] = []
     batch: list[str] = []
     size = 0
     for line in lines:
-        if batch and size + len(line) + 1 > WRITE_LIMIT:
+        length = (len(line) if line.isascii() else len(line.encode("utf-8", "surrogateescape"))) + 1
+        if batch and size + length > WRITE_LIMIT:
             batches.append("\n".join(batch) + "\n")
             batch, size = [], 0
         batch.append(line)
-        size += len(line) + 1
+        size += length
     batches.append("\n".join(batch) + "\n")
     return batches
 

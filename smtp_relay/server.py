@@ -65,6 +65,7 @@ class RelayServer:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._signals = 0
+        self._worker: int | None = None  # this process's number under a supervisor (WORKERS > 1)
 
     # ConnectionTracker
     def opened(self, protocol: RelaySMTP) -> None:
@@ -117,6 +118,7 @@ class RelayServer:
     async def startup(self, sockets: Sequence[socket.socket] = (), worker: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
+        self._worker = worker
         if sockets:
             for sock in sockets:
                 self._servers.append(await loop.create_server(self._protocol_factory, sock=sock, backlog=1024))
@@ -135,6 +137,9 @@ class RelayServer:
         # which passes it on as SIGTERM: two signals would force the worker down at once.
         for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if worker is not None:
+            # The supervisor forks with these blocked, so that one sent before now is not lost: it arrives here.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         logs.event(
             logging.INFO,
             "listening",
@@ -152,12 +157,24 @@ class RelayServer:
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals > 1:
-            logs.event(logging.WARNING, "shutdown.forced", signal=sig.name, open_connections=len(self.connections))
+            logs.event(
+                logging.WARNING,
+                "shutdown.forced",
+                signal=sig.name,
+                worker=self._worker,
+                open_connections=len(self.connections),
+            )
             for handler in logging.getLogger().handlers:
                 handler.flush()
             sys.stdout.flush()
             os._exit(1)
-        logs.event(logging.INFO, "shutdown.started", signal=sig.name, open_connections=len(self.connections))
+        logs.event(
+            logging.INFO,
+            "shutdown.started",
+            signal=sig.name,
+            worker=self._worker,
+            open_connections=len(self.connections),
+        )
         self._should_exit.set()
 
     async def shutdown(self) -> None:
@@ -168,9 +185,9 @@ class RelayServer:
         try:
             await asyncio.wait_for(self._all_closed.wait(), timeout=self.settings.timeout)
         except TimeoutError:
-            logs.event(logging.WARNING, "shutdown.timeout", open_connections=len(self.connections))
+            logs.event(logging.WARNING, "shutdown.timeout", worker=self._worker, open_connections=len(self.connections))
             for protocol in list(self.connections):
                 protocol.abort()
             await asyncio.sleep(0)
         await self._upstream.close()
-        logs.event(logging.INFO, "shutdown.complete")
+        logs.event(logging.INFO, "shutdown.complete", worker=self._worker)

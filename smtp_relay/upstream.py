@@ -430,18 +430,22 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         # Small pieces are joined: one write (one system call) carries a whole small message and its end.
         batch = [header]
         batched = len(header)
+        streamed = False  # part of the message went out before its end: a reply could have come meanwhile
         for chunk in body.chunks():
             batch.append(chunk)
             batched += len(chunk)
             if batched < WRITE_BATCH:
                 continue
             protocol.write(b"".join(batch))
-            batch, batched = [], 0
+            batch, batched, streamed = [], 0, True
             if protocol._paused:  # the transport's buffer is full: wait until it drains
                 try:
                     await asyncio.wait_for(protocol._drain_helper(), seconds)
                 except TimeoutError:
                     raise SMTPTimeoutError("Timed out sending the message") from None
+        # A reply already here came before the end of data (say, 552 once a size limit was crossed): it refuses
+        # the message, and the upstream's reply to the final dot is still to come, so the session is out of step.
+        early = bool(protocol._buffer) or (protocol._response_waiter is not None and protocol._response_waiter.done())
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
@@ -450,8 +454,17 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         raise
     finally:
         protocol._response_pending = False
+    if early:  # never reused (see `_transaction`); a 250 before the end is no delivery either
+        raise SMTPDataError(response.code if response.code != 250 else -1, response.message)
     if response.code != 250:
-        raise _EndOfDataRefused(response.code, response.message)
+        # A refusal of a message that went out in one write is the reply to its end: the session stays in step
+        # and is kept. One of a streamed message may have been sent early (uvloop writes without yielding, so
+        # it shows only now), with the reply to the end still to come: that session is not reused.
+        raise (
+            SMTPDataError(response.code, response.message)
+            if streamed
+            else _EndOfDataRefused(response.code, response.message)
+        )
     return response
 
 

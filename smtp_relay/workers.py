@@ -8,14 +8,14 @@ worker (each finishes its transactions, as a single relay does), a second signal
 once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
 
 Limits are shared out so that the totals stay what the operator set: each worker takes MAX_CONNECTIONS / N
-connections and locks an address out after AUTH_MAX_FAILURES / N failures (rounded up) that it saw itself.
+connections and locks an address out after AUTH_MAX_FAILURES / N failures that it saw itself (rounded down, at
+least one; `Settings.warnings` says so when WORKERS is larger than either limit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import signal
 import socket
@@ -29,9 +29,15 @@ from smtp_relay.config import ConfigError, Settings
 # How often the supervisor looks for exited workers, and a worker for its supervisor.
 POLL_SECONDS = 0.2
 WATCHDOG_SECONDS = 1.0
-# A worker that dies sooner than this after its start is restarted only after RESTART_DELAY (no crash loop).
+# A worker that dies sooner than this after its start is restarted only after RESTART_DELAY; after
+# MAX_QUICK_DEATHS such deaths in a row the supervisor gives up, stops the others and exits 1 (no crash loop:
+# a container's restart policy takes over from there).
 MIN_UPTIME = 5.0
 RESTART_DELAY = 1.0
+MAX_QUICK_DEATHS = 5
+# Signals the supervisor handles; blocked around fork() so that a worker never loses one before its event loop
+# handles SIGTERM (the worker unblocks them then: `RelayServer.startup`).
+SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def worker_share(settings: Settings) -> Settings:
@@ -40,18 +46,21 @@ def worker_share(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "max_connections": max(1, settings.max_connections // n),
-            "auth_max_failures": math.ceil(settings.auth_max_failures / n),
+            "auth_max_failures": max(1, settings.auth_max_failures // n),
         }
     )
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
     """Listening sockets for host:port, one per address, as asyncio's `create_server` makes them."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this host lacks (say, IPv6): skipped, as asyncio does
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -59,10 +68,13 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock.bind(address)
             sock.listen(1024)
             sock.setblocking(False)
+        if not sockets:
+            raise OSError(0, "no usable address")
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        reason = exc.strerror or str(exc)
+        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {reason}") from None
     return sockets
 
 
@@ -72,6 +84,7 @@ class _Worker:
     pid: int = 0
     started: float = 0.0
     restart_at: float = 0.0  # > 0: exited; start again at this monotonic time
+    quick_deaths: int = 0  # deaths in a row sooner than MIN_UPTIME after a start
 
 
 class Supervisor:
@@ -115,10 +128,13 @@ class Supervisor:
                         self._start(worker)
                 time.sleep(POLL_SECONDS)
         finally:
-            for sock in self._sockets:
-                sock.close()
+            self._close_sockets()
         logs.event(logging.INFO, "shutdown.complete", workers=s.workers)
         return 1 if self._failed else 0
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only noted here: the main loop acts on it (a handler that logs could re-enter a write in progress).
@@ -130,6 +146,7 @@ class Supervisor:
         running = [w.pid for w in self._workers if w.pid]
         if self._signals == 1:
             logs.event(logging.INFO, "shutdown.started", signal=name, workers=len(running))
+            self._close_sockets()  # new connections are refused now, not queued for workers that are leaving
         else:
             logs.event(logging.WARNING, "shutdown.forced", signal=name, workers=len(running))
         for pid in running:  # a worker's second SIGTERM forces it
@@ -142,8 +159,17 @@ class Supervisor:
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the supervisor's code
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            logs.event(logging.ERROR, "worker.fork_failed", worker=worker.index, reason=str(exc))
+            worker.restart_at = time.monotonic() + RESTART_DELAY
+            return
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        else:  # the worker: never returns into the supervisor's code
             code = 70
             try:
                 code = _worker_main(self._worker_settings, self._sockets, worker.index, os.getppid())
@@ -178,7 +204,20 @@ class Supervisor:
                 logs.event(logging.INFO, "worker.stopped", worker=worker.index, pid=pid, exit_code=code)
                 continue
             uptime = time.monotonic() - worker.started
-            delay = RESTART_DELAY if uptime < MIN_UPTIME else 0.0
+            worker.quick_deaths = worker.quick_deaths + 1 if uptime < MIN_UPTIME else 0
+            if worker.quick_deaths >= MAX_QUICK_DEATHS:
+                logs.event(
+                    logging.ERROR,
+                    "worker.failing",
+                    worker=worker.index,
+                    exit_code=code,
+                    reason=f"died {worker.quick_deaths} times in a row within {MIN_UPTIME:.0f} s of its start; "
+                    "stopping the relay",
+                )
+                self._failed = True
+                self._pending_signals.append(signal.SIGTERM)
+                continue
+            delay = RESTART_DELAY if worker.quick_deaths else 0.0
             worker.restart_at = time.monotonic() + delay
             logs.event(
                 logging.ERROR,

@@ -4,8 +4,11 @@ PIPELINING gets one command at a time."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from support.client import transaction
+from support.net import ThreadedServer
 from support.scripted import Script, ScriptedUpstream
 
 MSG = b"Subject: pipelining\r\n\r\nbody\r\n"
@@ -165,3 +168,104 @@ def test_refused_end_of_data_keeps_the_session(stack):
             stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
             assert (stage, code) == ("DATA", 554) and "spam" in text
         assert upstream.sessions == 1, "after a refused end of data the session is reset and reused"
+
+
+class EarlyRefusalUpstream(ThreadedServer):
+    """Answers 552 after 200 KB of the first message's data, reads on to the final dot and answers that 250 too
+    (a server that refuses early but keeps the protocol going); replies name their command ("250 ok RCPT")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered: list[bytes] = []
+        self.refused = False
+
+    def session(self, conn) -> None:
+        buffer = b""
+
+        def line() -> bytes:
+            nonlocal buffer
+            while b"\r\n" not in buffer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise EOFError
+                buffer += chunk
+            first, buffer = buffer.split(b"\r\n", 1)
+            return first
+
+        def data(until: bytes | int) -> bytes:
+            nonlocal buffer
+            while (buffer.find(until) < 0) if isinstance(until, bytes) else len(buffer) < until:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    raise EOFError
+                buffer += chunk
+            return buffer
+
+        conn.settimeout(10)
+        with conn, contextlib.suppress(OSError, EOFError):
+            conn.sendall(b"220 early.test ESMTP\r\n")
+            line()
+            conn.sendall(b"250-early.test\r\n250-SIZE 100000000\r\n250 PIPELINING\r\n")
+            while True:
+                verb = line()[:4].upper()
+                if verb == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    if not self.refused:
+                        self.refused = True
+                        data(200_000)
+                        conn.sendall(b"552 5.3.4 Message too big for this system\r\n")
+                    data(b"\r\n.\r\n")
+                    body, buffer = buffer.split(b"\r\n.\r\n", 1)
+                    self.delivered.append(body)
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok " + verb + b"\r\n")
+
+
+def test_a_refusal_sent_before_the_end_of_a_large_message_does_not_leave_the_session_out_of_step(stack):
+    # The reply to the final dot is still to come after such a refusal: that session must not carry the next
+    # message, whose replies would otherwise be read one behind.
+    with EarlyRefusalUpstream() as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="10")
+        big = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 25_000
+        stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], big)
+        assert (stage, code) == ("DATA", 552) and "too big" in text
+        for i in range(3):
+            stage, code, text = transaction(relay.port, "sender@example.com", [f"next{i}@example.com"], MSG)
+            assert (stage, code) == ("DATA", 250), text
+        assert upstream.sessions == 2, "the session that refused early is not reused"
+
+
+def test_the_upstream_client_does_not_reuse_a_session_that_refused_before_the_end_of_data():
+    # The same, driving the upstream module directly on uvloop (as the relay runs), where the next message
+    # follows at once: the reply to the first message's final dot must never be taken for the next message's.
+    import uvloop
+
+    from smtp_relay.body import MessageBody
+    from smtp_relay.upstream import Upstream, UpstreamSettings
+
+    def body(data: bytes) -> MessageBody:
+        b = MessageBody()
+        b.feed(data)
+        b.finish()
+        return b
+
+    async def run(port: int) -> list[tuple[bool, str]]:
+        settings = UpstreamSettings("127.0.0.1", port, "none", True, None, "", "", 10.0, "relay.test")
+        upstream = Upstream(settings)
+        big = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 25_000
+        results = []
+        for data, rcpts in ((big, ["a@example.com"]), (MSG, ["b@example.com"]), (MSG, ["c@example.com"])):
+            outcome = await upstream.deliver("s@example.com", rcpts, b"Received: test\r\n", body(data), False)
+            results.append((outcome.delivered, outcome.reply))
+        await upstream.close()
+        return results
+
+    with EarlyRefusalUpstream() as server:
+        results = uvloop.run(run(server.port))
+    assert results[0][0] is False and results[0][1].startswith("552")
+    assert [r[0] for r in results[1:]] == [True, True], results
+    assert server.sessions == 2

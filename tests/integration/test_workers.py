@@ -41,6 +41,19 @@ def _sockets(pid: int) -> int:
     return count
 
 
+def _settled(pids: list[int], timeout: float = 5.0) -> bool:
+    """The workers' socket counts stay the same for half a second."""
+    deadline = time.monotonic() + timeout
+    last = {pid: _sockets(pid) for pid in pids}
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = {pid: _sockets(pid) for pid in pids}
+        if now == last:
+            return True
+        last = now
+    return False
+
+
 def _wait(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,6 +83,8 @@ def test_workers_share_one_port_and_relay_every_message(stack):
         assert transaction(relay.port, "sender@example.com", [f"r{i}@example.com"], MSG)[1] == 250
     assert sorted(m.rcpt_tos[0] for m in sink.wait_for_messages(30)) == sorted(f"r{i}@example.com" for i in range(30))
     # Connections held open at once are spread over the workers (the kernel wakes them all; one accepts).
+    # Counted once the last transaction's connection is closed on the relay's side too.
+    assert relay.wait_for_log("event=disconnect", "messages=1") and _settled(workers)
     before = {pid: _sockets(pid) for pid in workers}
     clients = [RawClient(relay.port) for _ in range(24)]
     try:
@@ -180,3 +195,41 @@ def test_invalid_workers_is_a_configuration_error(stack, value):
     relay = stack.relay(sink.port, wait=False, WORKERS=value)
     assert relay.wait(timeout=15) == 2
     assert "WORKERS" in relay.stderr
+
+
+def test_sigterm_right_after_start_stops_every_worker_and_exits_0(stack):
+    # A signal that reaches a worker before its event loop handles SIGTERM must not be lost (or kill it).
+    sink = stack.sink()
+    for _ in range(5):
+        relay = stack.relay(sink.port, wait=False, WORKERS="4")
+        deadline = time.monotonic() + 10
+        while "event=supervisor.started" not in relay.stdout and time.monotonic() < deadline:
+            pass  # no sleep: the signal is to come while the workers are still starting
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0, relay.describe()
+        assert "exit_code=-15" not in relay.stdout
+
+
+def test_new_connections_are_refused_while_the_workers_drain(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2", TIMEOUT="10")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<late@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait_for_log("event=shutdown.started", "workers=2")
+        assert _wait(lambda: not _listening(relay.port), 5), "a new connection would wait for nobody"
+        c.send(MSG + b".\r\n")
+        assert c.reply()[0] == 250
+    assert relay.wait(timeout=15) == 0
+
+
+def test_an_unresolvable_listen_host_is_a_configuration_error(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, wait=False, WORKERS="2", LISTEN_HOST="no-such-host.invalid")
+    assert relay.wait(timeout=30) == 2
+    assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout

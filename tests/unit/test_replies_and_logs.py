@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtp_relay import replies
-from smtp_relay.logs import JsonFormatter, TextFormatter, escape
+from smtp_relay.logs import WRITE_LIMIT, JsonFormatter, TextFormatter, _batches, escape
 
 REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} \S")
 
@@ -65,3 +65,13 @@ def test_json_log_line_is_one_object() -> None:
     doc = json.loads(line)
     assert "\n" not in line
     assert doc["event"] == "mail.refused" and doc["address"] == "a\r\nb" and doc["size"] == 3
+
+
+def test_log_writes_are_whole_lines_of_at_most_write_limit_bytes() -> None:
+    # Several worker processes share stdout: each write must stay atomic (PIPE_BUF) and hold whole lines.
+    lines = [f"line {i} " + ("é" * (i % 7) * 100 if i % 3 else "x" * (i * 37 % 900)) for i in range(200)]
+    batches = _batches(lines)
+    assert "".join(batches) == "\n".join(lines) + "\n"
+    assert all(b.endswith("\n") and len(b.encode()) <= WRITE_LIMIT for b in batches)
+    assert len(batches) < len(lines) / 2, "lines are joined, not written one by one"
+    assert _batches(["a", "b"]) == ["a\nb\n"]
