@@ -233,3 +233,27 @@ def test_an_unresolvable_listen_host_is_a_configuration_error(stack):
     relay = stack.relay(sink.port, wait=False, WORKERS="2", LISTEN_HOST="no-such-host.invalid")
     assert relay.wait(timeout=30) == 2
     assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
+
+
+def test_a_worker_that_keeps_dying_at_start_stops_the_relay_with_exit_1(stack):
+    # No endless crash loop: after 5 quick deaths in a row the supervisor stops the rest (a container's restart
+    # policy takes over).
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    first = set(_children(relay.proc.pid))
+    killed: set[int] = set()
+    deadline = time.monotonic() + 30
+    while relay.returncode is None and time.monotonic() < deadline:
+        for pid in set(_children(relay.proc.pid)) - first - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        if not killed:
+            victim = sorted(first)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.add(victim)
+        time.sleep(0.05)
+    assert relay.wait(timeout=15) == 1, relay.describe()
+    line = relay.wait_for_log("event=worker.failing")
+    assert line is not None and "level=ERROR" in line and "5 times in a row" in line
+    assert not _listening(relay.port)
