@@ -156,25 +156,19 @@ class RelayServer:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
-        if self._signals > 1:
-            logs.event(
-                logging.WARNING,
-                "shutdown.forced",
-                signal=sig.name,
-                worker=self._worker,
-                open_connections=len(self.connections),
-            )
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            sys.stdout.flush()
-            os._exit(1)
+        forced = self._signals > 1
         logs.event(
-            logging.INFO,
-            "shutdown.started",
+            logging.WARNING if forced else logging.INFO,
+            "shutdown.forced" if forced else "shutdown.started",
             signal=sig.name,
             worker=self._worker,
             open_connections=len(self.connections),
         )
+        if forced:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            os._exit(1)
         self._should_exit.set()
 
     async def shutdown(self) -> None:

@@ -10,17 +10,12 @@ import time
 
 import pytest
 from support.client import RawClient, transaction
+from support.net import wait_until
 
 MSG = b"Subject: lifecycle\r\n\r\nbody\r\n"
 
 
-def _wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+_wait_until = wait_until
 
 
 def _authed_idle_client(relay) -> RawClient:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from support.client import RawClient, plain_b64, transaction
+from support.net import wait_until
 from support.relay import CLIENT_USER
 
 MSG = b"Subject: workers\r\n\r\nbody\r\n"
@@ -55,12 +56,7 @@ def _settled(pids: list[int], timeout: float = 5.0) -> bool:
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return wait_until(predicate, timeout, interval=0.05)
 
 
 def _listening(port: int) -> bool:
