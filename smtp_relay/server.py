@@ -129,17 +129,18 @@ class RelayServer:
                         self._protocol_factory, s.listen_host, s.listen_port, reuse_address=True, backlog=1024
                     )
                 )
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:  # UnicodeError: a host name with an empty or too long label
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise ConfigError(
-                    "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
+                    "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {reason}"
                 ) from None
         # A worker leaves SIGINT (a terminal's Ctrl-C reaches the whole process group) to its supervisor,
         # which passes it on as SIGTERM: two signals would force the worker down at once.
-        for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1) if worker is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if worker is not None:
             # The supervisor forks with these blocked, so that one sent before now is not lost: it arrives here.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
         logs.event(
             logging.INFO,
             "listening",
@@ -155,8 +156,12 @@ class RelayServer:
         )
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        """First SIGTERM/SIGINT: drain; a second one forces. A worker drains on any SIGTERM (its process group may
+        be signalled as well as its supervisor passing the signal on) and is forced by SIGUSR1 (see `workers`)."""
+        if self._worker is not None and sig != signal.SIGUSR1 and self._signals:
+            return
         self._signals += 1
-        forced = self._signals > 1
+        forced = self._signals > 1 or sig == signal.SIGUSR1
         logs.event(
             logging.WARNING if forced else logging.INFO,
             "shutdown.forced" if forced else "shutdown.started",

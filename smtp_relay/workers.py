@@ -7,9 +7,10 @@ busy worker takes fewer. The supervisor itself relays nothing: on SIGTERM or SIG
 worker (each finishes its transactions, as a single relay does), a second signal forces them, and it exits
 once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
 
-Limits are shared out so that the totals stay what the operator set: each worker takes MAX_CONNECTIONS / N
-connections and locks an address out after AUTH_MAX_FAILURES / N failures that it saw itself (rounded down, at
-least one; `Settings.warnings` says so when WORKERS is larger than either limit).
+Limits are shared out: each worker takes MAX_CONNECTIONS / N connections (rounded down, at least one;
+`Settings.warnings` says so when WORKERS is larger) and locks an address out after AUTH_MAX_FAILURES / N failures
+that it saw itself, rounded up, so that a mistyped password locks nobody out where one process would not; an
+attacker gets at most AUTH_MAX_FAILURES + N - 1 tries before every worker refuses the address.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ RESTART_DELAY = 1.0
 MAX_QUICK_DEATHS = 5
 # Signals the supervisor handles; blocked around fork() so that a worker never loses one before its event loop
 # handles SIGTERM (the worker unblocks them then: `RelayServer.startup`).
-SIGNALS = {signal.SIGTERM, signal.SIGINT}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+# A worker drains on SIGTERM however often it comes (a service manager may signal the whole process group, so a
+# worker gets the supervisor's SIGTERM and its own); SIGUSR1 from the supervisor forces it; SIGKILL follows when a
+# third signal finds a worker still there (one that cannot run its event loop).
+FORCE = signal.SIGUSR1
 
 
 def worker_share(settings: Settings) -> Settings:
@@ -46,7 +51,7 @@ def worker_share(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "max_connections": max(1, settings.max_connections // n),
-            "auth_max_failures": max(1, settings.auth_max_failures // n),
+            "auth_max_failures": -(-settings.auth_max_failures // n),  # rounded up: see the module docstring
         }
     )
 
@@ -70,10 +75,10 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock.setblocking(False)
         if not sockets:
             raise OSError(0, "no usable address")
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host name with an empty or too long label
         for sock in sockets:
             sock.close()
-        reason = exc.strerror or str(exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {reason}") from None
     return sockets
 
@@ -107,6 +112,7 @@ class Supervisor:
         self._sockets = bind(s.listen_host, s.listen_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(FORCE, signal.SIG_IGN)  # meant for workers only (a group-wide one must not end this process)
         logs.event(
             logging.INFO,
             "supervisor.started",
@@ -149,9 +155,10 @@ class Supervisor:
             self._close_sockets()  # new connections are refused now, not queued for workers that are leaving
         else:
             logs.event(logging.WARNING, "shutdown.forced", signal=name, workers=len(running))
-        for pid in running:  # a worker's second SIGTERM forces it
+        passed = (signal.SIGTERM, FORCE)[self._signals - 1] if self._signals <= 2 else signal.SIGKILL
+        for pid in running:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, passed)
             except ProcessLookupError:
                 pass
 

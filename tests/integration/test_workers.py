@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 from support.client import RawClient, plain_b64, transaction
 from support.net import wait_until
-from support.relay import CLIENT_USER
+from support.relay import CLIENT_USER, REPO_ROOT, clean_env, relay_env
+from support.sink import Sink
 
 MSG = b"Subject: workers\r\n\r\nbody\r\n"
 
@@ -169,8 +172,8 @@ def test_connection_limit_is_the_total_over_all_workers(stack):
 
 
 def test_failed_logins_are_counted_against_the_total_limit_over_all_workers(stack):
-    # Each worker locks out after ceil(AUTH_MAX_FAILURES / WORKERS) failures it saw itself: at most
-    # AUTH_MAX_FAILURES passwords are tried before every worker refuses the address.
+    # Each worker locks out after ceil(AUTH_MAX_FAILURES / WORKERS) failures it saw itself: here 2 + 2, so at
+    # most AUTH_MAX_FAILURES passwords are tried before every worker refuses the address.
     sink = stack.sink()
     relay = stack.relay(sink.port, WORKERS="2", AUTH_MAX_FAILURES="4", AUTH_LOCKOUT_SECONDS="60")
     assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
@@ -183,6 +186,68 @@ def test_failed_logins_are_counted_against_the_total_limit_over_all_workers(stac
             break
     assert codes.count(535) <= 4, codes
     assert codes[-6:] == [421] * 6, codes
+
+
+def test_sigterm_to_the_whole_process_group_drains_and_exits_0(tmp_path):
+    # systemd and other service managers signal every process of the service: a worker then gets SIGTERM both
+    # directly and from its supervisor, and must still drain (not take the second for "force").
+    sink = Sink().start()
+    env = clean_env(relay_env(tmp_path, sink.port, WORKERS="2", TIMEOUT="10"))
+    port = int(env["LISTEN_PORT"])
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smtp_relay"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert _wait(lambda: len(_children(proc.pid)) == 2 and _listening(port))
+        with RawClient(port) as c:
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<group@example.com>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.3)
+            c.send(MSG + b".\r\n")
+            assert c.reply()[0] == 250
+        assert proc.wait(timeout=15) == 0, (tmp_path / "out.txt").read_text()
+        assert "shutdown.forced" not in (tmp_path / "out.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        sink.stop()
+
+
+def test_a_third_signal_kills_a_worker_that_cannot_stop(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    stuck = _children(relay.proc.pid)[0]
+    os.kill(stuck, signal.SIGSTOP)  # its event loop cannot run: neither SIGTERM nor the forcing SIGUSR1 helps
+    try:
+        for _ in range(3):
+            relay.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        assert relay.wait(timeout=10) == 1, relay.describe()
+        assert not _alive(stuck)
+    finally:
+        if _alive(stuck):
+            os.kill(stuck, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "a..b", "x" * 70 + ".example"])
+def test_a_listen_host_that_cannot_be_used_is_a_configuration_error(stack, workers, host):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, wait=False, WORKERS=workers, LISTEN_HOST=host)
+    assert relay.wait(timeout=30) == 2
+    assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
 
 
 @pytest.mark.parametrize("value", ["0", "65", "two"])
@@ -222,13 +287,6 @@ def test_new_connections_are_refused_while_the_workers_drain(stack):
         c.send(MSG + b".\r\n")
         assert c.reply()[0] == 250
     assert relay.wait(timeout=15) == 0
-
-
-def test_an_unresolvable_listen_host_is_a_configuration_error(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, wait=False, WORKERS="2", LISTEN_HOST="no-such-host.invalid")
-    assert relay.wait(timeout=30) == 2
-    assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
 
 
 def test_a_worker_that_keeps_dying_at_start_stops_the_relay_with_exit_1(stack):

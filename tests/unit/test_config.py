@@ -166,9 +166,9 @@ def test_pool_settings_default_and_zero_disables_reuse(monkeypatch: pytest.Monke
     ("env", "expected"),
     [
         ({}, (1, 50, 5)),
-        ({"WORKERS": "2"}, (2, 25, 2)),
+        ({"WORKERS": "2"}, (2, 25, 3)),
         ({"WORKERS": "4", "MAX_CONNECTIONS": "3", "AUTH_MAX_FAILURES": "1"}, (4, 1, 1)),
-        ({"WORKERS": "3", "MAX_CONNECTIONS": "100", "AUTH_MAX_FAILURES": "10"}, (3, 33, 3)),
+        ({"WORKERS": "3", "MAX_CONNECTIONS": "100", "AUTH_MAX_FAILURES": "10"}, (3, 33, 4)),
     ],
 )
 def test_workers_share_out_the_connection_and_login_failure_limits(
@@ -181,10 +181,11 @@ def test_workers_share_out_the_connection_and_login_failure_limits(
     settings = load_settings()
     share = worker_share(settings)
     assert (settings.workers, share.max_connections, share.auth_max_failures) == expected
-    # Totals never exceed what the operator set (one connection and one failure per worker at the least).
+    # Connections never exceed the operator's total (one per worker at the least); a mistyped password never
+    # locks anyone out where one process would not, and an attacker gets at most AUTH_MAX_FAILURES + N - 1 tries.
     assert share.max_connections * settings.workers <= max(settings.max_connections, settings.workers)
-    assert share.auth_max_failures * settings.workers <= max(settings.auth_max_failures, settings.workers)
-    # Where WORKERS is larger than a limit, the start-up warnings say what the total becomes.
+    assert share.auth_max_failures * settings.workers >= settings.auth_max_failures
+    assert share.auth_max_failures * settings.workers <= settings.auth_max_failures + settings.workers - 1
+    # Where WORKERS is larger than MAX_CONNECTIONS, the start-up warnings say what the total becomes.
     warned = " ".join(settings.warnings())
-    for name in ("AUTH_MAX_FAILURES", "MAX_CONNECTIONS"):
-        assert (f"larger than {name}" in warned) == (settings.workers > getattr(settings, name.lower()))
+    assert ("larger than MAX_CONNECTIONS" in warned) == (settings.workers > settings.max_connections)
