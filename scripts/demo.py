@@ -34,7 +34,14 @@ class PrintingUpstream:
         return "250 2.0.0 Accepted by the demo upstream"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # A SIGTERM (a closed terminal, `timeout`, a process manager) stops the relay as Ctrl-C does, so no relay is
+    # left behind holding the port.
+    signal.signal(signal.SIGTERM, _interrupt)
     upstream = Controller(PrintingUpstream(), hostname="127.0.0.1", port=UPSTREAM_PORT)
     upstream.start()
     print(f"demo upstream listening on 127.0.0.1:{UPSTREAM_PORT}", flush=True)
