@@ -373,16 +373,23 @@ def fmt_range(values: list[float], digits: int = 0) -> str:
     return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def memory(relay: Relay, quick: bool) -> dict[str, str]:
-    out: dict[str, str] = {}
+@dataclass
+class Memory:
+    idle_kb: float  # RSS per idle authenticated connection
+    idle_n: int
+    large_mb: float  # peak RSS added while `large_n` 10 MB messages are relayed at once
+    large_n: int
+
+
+def memory(relay: Relay, quick: bool) -> Memory:
     try:
-        return _memory(relay, quick, out)
+        return _memory(relay, quick)
     finally:
         relay.proc.terminate()
         relay.proc.wait(timeout=15)
 
 
-def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
+def _memory(relay: Relay, quick: bool) -> Memory:
     pid = relay.proc.pid
     idle_n = 100 if quick else 500
     time.sleep(0.5)
@@ -393,8 +400,7 @@ def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
     time.sleep(3)
     held = rss_kb(pid)
     gen.wait(timeout=60)
-    out["idle_kb"] = f"{(held - base) / idle_n:.1f}"
-    out["idle"] = f"{(held - base) / idle_n:.1f} KB per idle authenticated connection ({idle_n} open)"
+    idle_kb = (held - base) / idle_n
     # Peak RSS while 20 concurrent 10 MB messages are relayed.
     n, size = (5, 10_000_000) if quick else (20, 10_000_000)
     time.sleep(0.5)
@@ -421,9 +427,7 @@ def _memory(relay: Relay, quick: bool, out: dict[str, str]) -> dict[str, str]:
     t.join()
     if done.returncode != 0:
         raise SystemExit(f"large-message run failed: {done.stdout} {done.stderr[-1000:]}")
-    out["large_mb"] = f"{(peak - base) / 1024:.0f}"
-    out["large"] = f"+{(peak - base) / 1024:.0f} MB peak RSS while {n} concurrent 10 MB messages are relayed"
-    return out
+    return Memory(idle_kb, idle_n, (peak - base) / 1024, n)
 
 
 def main() -> int:
@@ -553,9 +557,7 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def print_report(
-    scenarios: list[Scenario], results: dict[tuple[str, str], Row], mem: dict[str, str], reps: int
-) -> None:
+def print_report(scenarios: list[Scenario], results: dict[tuple[str, str], Row], mem: Memory, reps: int) -> None:
     print(f"\nmedian (min-max) of {reps} interleaved run(s); CPU = ms of CPU per message in the system under test")
     print("(ceiling: smtp-sink itself), gen = the load generator's CPU per message; up = upstream sessions opened\n")
     header = "| scenario | target | msgs/s | p50 ms | p99 ms | CPU ms/msg | gen ms/msg | up |"
@@ -612,11 +614,10 @@ def print_report(
         f"{fmt_range(paired(tls, fresh, reuse, 'cpu_ms'), 2)}x less CPU per message"
     )
     print("\nmemory (smtp-relay):")
-    print(f"- {mem['idle']}")
-    print(f"- {mem['large']}")
-    idle_kb, large_mb = float(mem["idle_kb"]), float(mem["large_mb"])
-    checks.append(("idle authenticated connection <= 12 KB", idle_kb, idle_kb <= 12))
-    checks.append(("concurrent 10 MB messages add < 100 MB RSS", large_mb, large_mb < 100))
+    print(f"- {mem.idle_kb:.1f} KB per idle authenticated connection ({mem.idle_n} open)")
+    print(f"- +{mem.large_mb:.0f} MB peak RSS while {mem.large_n} concurrent 10 MB messages are relayed")
+    checks.append(("idle authenticated connection <= 12 KB", mem.idle_kb, mem.idle_kb <= 12))
+    checks.append(("concurrent 10 MB messages add < 100 MB RSS", mem.large_mb, mem.large_mb < 100))
     print("\ntargets (medians above):")
     for label, value, met in checks:
         print(f"- {label}: {value:.2f} -> {'met' if met else 'NOT met'}")

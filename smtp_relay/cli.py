@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -68,7 +67,7 @@ def _healthcheck(settings: Settings) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from smtp_relay.server import RelayServer
+    from smtp_relay.server import RelayServer, run_loop
 
     for warning in settings.warnings():
         logs.event(logging.WARNING, "config.warning", message=warning)
@@ -80,8 +79,4 @@ def _run(settings: Settings) -> int:
     async def serve() -> int:
         return await RelayServer(settings).serve()
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        return asyncio.run(serve())
-    return uvloop.run(serve())
+    return run_loop(serve)

@@ -251,6 +251,14 @@ class LineHandler(logging.Handler):
         super().close()
 
 
+def flush_all() -> None:
+    """Write out every pending line (before `os._exit` or `fork`, which would lose or duplicate them)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def setup(settings: Settings) -> None:
     """Send our events to stdout and LOG_FILE; keep libraries that log protocol lines quiet."""
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()

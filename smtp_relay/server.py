@@ -8,8 +8,8 @@ import os
 import signal
 import socket
 import ssl
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from smtp_relay import __version__, logs
 from smtp_relay.auth import Authenticator
@@ -29,6 +29,15 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("TLS_CERT_FILE", f"cannot load certificate/key: {exc}") from None
     return context
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run `main()` on uvloop (asyncio's own loop where uvloop is missing); its result is the exit code."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(main())
+    return uvloop.run(main())
 
 
 class RelayServer:
@@ -170,9 +179,7 @@ class RelayServer:
             open_connections=len(self.connections),
         )
         if forced:
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            sys.stdout.flush()
+            logs.flush_all()
             os._exit(1)
         self._should_exit.set()
 

@@ -163,9 +163,7 @@ class Supervisor:
                 pass
 
     def _start(self, worker: _Worker) -> None:
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stdout.flush()
+        logs.flush_all()  # or the child would write the supervisor's pending lines again
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
@@ -186,10 +184,7 @@ class Supervisor:
             except BaseException:
                 logs.log.exception("worker.crashed", extra={"fields": {"worker": worker.index}})
             finally:
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
-                sys.stdout.flush()
-                sys.stderr.flush()
+                logs.flush_all()
                 os._exit(code)
         worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), 0.0
 
@@ -239,7 +234,7 @@ class Supervisor:
 
 def _worker_main(settings: Settings, sockets: list[socket.socket], index: int, supervisor: int) -> int:
     """One worker: a whole relay on the supervisor's sockets; stops when told to or when orphaned."""
-    from smtp_relay.server import RelayServer
+    from smtp_relay.server import RelayServer, run_loop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes Ctrl-C on as SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -258,8 +253,4 @@ def _worker_main(settings: Settings, sockets: list[socket.socket], index: int, s
         loop.call_later(WATCHDOG_SECONDS, watchdog)
         return await server.serve(sockets, worker=index)
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        return asyncio.run(serve())
-    return uvloop.run(serve())
+    return run_loop(serve)

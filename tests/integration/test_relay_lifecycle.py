@@ -15,9 +15,6 @@ from support.net import wait_until
 MSG = b"Subject: lifecycle\r\n\r\nbody\r\n"
 
 
-_wait_until = wait_until
-
-
 def _authed_idle_client(relay) -> RawClient:
     c = RawClient(relay.port)
     assert c.cmd("EHLO client.test")[0] == 250
@@ -51,7 +48,7 @@ def test_sigterm_lets_a_transaction_in_flight_finish_and_stops_accepting(stack):
     )
     worker.start()
     try:
-        assert _wait_until(lambda: upstream.data_started, 5), "the message never reached the upstream"
+        assert wait_until(lambda: upstream.data_started, 5), "the message never reached the upstream"
         relay.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert relay.returncode is None, "exited with a transaction in flight"
@@ -83,7 +80,7 @@ def test_second_signal_exits_at_once(stack):
 
     worker = threading.Thread(target=client, daemon=True)
     worker.start()
-    assert _wait_until(lambda: upstream.data_started, 5)
+    assert wait_until(lambda: upstream.data_started, 5)
     relay.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert relay.returncode is None, "the first signal should wait for the transaction in flight"
@@ -119,7 +116,7 @@ def test_connection_over_max_connections_gets_421_and_is_closed(stack):
             except (OSError, ValueError):
                 return False
 
-        assert _wait_until(a_slot_is_free, 5)
+        assert wait_until(a_slot_is_free, 5)
     finally:
         first.close()
         second.close()
@@ -168,7 +165,7 @@ def test_sigterm_with_a_hung_upstream_exits_0_within_the_timeout_and_never_answe
     worker = threading.Thread(target=client)
     worker.start()
     try:
-        assert _wait_until(lambda: upstream.data_started, 5)
+        assert wait_until(lambda: upstream.data_started, 5)
         started = time.monotonic()
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(10) == 0, relay.describe()
