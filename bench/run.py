@@ -527,7 +527,9 @@ def main() -> int:
         results: dict[tuple[str, str], Row] = {}
         for rep in range(repeats):
             for sc in scenarios:
-                for name in sc.targets:
+                # Every other repeat in reverse order: a target that always ran first (or right after Postfix,
+                # whose queue work can linger) would carry that position's bias into every paired ratio.
+                for name in sc.targets if rep % 2 == 0 else reversed(sc.targets):
                     port, auth, cpu_of = targets[name]
                     # A few messages first, so that every target starts warm (upstream sessions open), as in
                     # steady traffic: an idle pool expires between a target's turns in this interleaved run.
