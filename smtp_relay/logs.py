@@ -117,6 +117,13 @@ class _FormatOnce(logging.Formatter):
         raise NotImplementedError
 
 
+# `key=value` texts of recent text fields: a session's id, peer and user, the sender and recipients recur on
+# every line of a session (and across sessions), and a lookup costs a fraction of escaping again. Bounded: it
+# starts afresh when full.
+_PAIRS_LIMIT = 4096
+_pairs: dict[tuple[str, str], str] = {}
+
+
 class TextFormatter(_FormatOnce):
     """`time level=... event=... key=value ...` with every value escaped."""
 
@@ -124,7 +131,17 @@ class TextFormatter(_FormatOnce):
         self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
     ) -> str:
         parts = [_timestamp(created), f"level={level}", f"event={escape(name)}"]
-        parts += [f"{key}={escape(value)}" for key, value in fields.items() if value is not None]
+        for key, value in fields.items():
+            if type(value) is str:
+                pair = (key, value)
+                text = _pairs.get(pair)
+                if text is None:
+                    if len(_pairs) >= _PAIRS_LIMIT:
+                        _pairs.clear()
+                    text = _pairs[pair] = f"{key}={escape(value)}"
+                parts.append(text)
+            elif value is not None:
+                parts.append(f"{key}={escape(value)}")
         line = " ".join(parts)
         return line if traceback is None else line + "\n" + traceback
 

@@ -9,7 +9,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtp_relay import replies
+from smtp_relay import logs, replies
 from smtp_relay.logs import WRITE_LIMIT, JsonFormatter, TextFormatter, _batches, escape
 
 REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} \S")
@@ -58,6 +58,21 @@ def test_text_log_line_cannot_be_forged_with_crlf() -> None:
     assert "\n" not in line
     assert line.count("event=") == 2  # ours, and the escaped text inside the quoted value
     assert 'address="a@x\\r\\n2026 level=INFO event=forged"' in line
+
+
+@given(st.dictionaries(st.sampled_from(["user", "address", "reason"]), st.text(max_size=20) | st.integers()))
+def test_text_fields_read_the_same_whether_escaped_anew_or_remembered(fields: dict[str, object]) -> None:
+    expected = " ".join(f"{key}={escape(value)}" for key, value in fields.items())
+    for _ in range(2):  # the second time from the cache of recent fields
+        line = TextFormatter().format_event(0.0, "INFO", "x", fields)
+        assert line.split(" ", 3)[3:] == ([expected] if expected else [])
+
+
+def test_cache_of_recent_text_fields_stays_bounded() -> None:
+    formatter = TextFormatter()
+    for n in range(logs._PAIRS_LIMIT + 10):
+        formatter.format_event(0.0, "INFO", "x", {"session": f"s{n}"})
+    assert 0 < len(logs._pairs) <= logs._PAIRS_LIMIT
 
 
 def test_json_log_line_is_one_object() -> None:
