@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtp_relay.config import usable_cpus
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 USER, PASSWORD = "bench", "bench-Secret-42"
@@ -294,8 +296,8 @@ default_process_limit = 200
         subprocess.run(["/usr/sbin/postfix", "-c", str(self.conf), "stop"], check=False, capture_output=True)
 
 
-# The relay as a multi-core host runs it: WORKERS = the number of cores.
-WORKERS_TARGET = f"smtp-relay, WORKERS={os.cpu_count() or 1}"
+# The relay as the README advises for a multi-core host: WORKERS=auto, one worker per usable CPU.
+WORKERS_TARGET = f"smtp-relay, WORKERS=auto ({min(64, usable_cpus())})"
 MAIN_TARGETS = ("ceiling", "smtp-relay", WORKERS_TARGET, "postfix")
 
 # -- measurements -----------------------------------------------------------------------------------------------
@@ -461,9 +463,8 @@ def main() -> int:
         procs.append(tunnel.proc)
         relay = Relay(workdir, "plain", sink.port)
         procs.append(relay.proc)
-        # One worker per core, as the README advises for a multi-core host.
-        cores = os.cpu_count() or 1
-        relay_workers = Relay(workdir, "workers", sink.port, WORKERS=str(cores))
+        # One worker per usable CPU, as the README advises for a multi-core host.
+        relay_workers = Relay(workdir, "workers", sink.port, WORKERS="auto")
         procs.append(relay_workers.proc)
         relay_tls = Relay(
             workdir,

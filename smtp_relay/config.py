@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -13,6 +14,7 @@ from smtp_relay.policy import DomainAllowlist, PolicyError, RelayPolicy
 from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE
 
 DEFAULT_PASSWORD = "password"
+MAX_WORKERS = 64
 _MASK = "********"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -62,7 +64,18 @@ class Settings(BaseSettings):
     relay_pool_size: int = Field(POOL_SIZE, ge=0, le=1000)
     relay_pool_idle_seconds: float = Field(IDLE_SECONDS, gt=0, le=3600)
     relay_pool_max_messages: int = Field(MAX_MESSAGES_PER_CONNECTION, ge=1, le=1_000_000)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return min(MAX_WORKERS, usable_cpus())
+            if not text.isdigit():
+                raise ValueError(f"must be a whole number from 1 to {MAX_WORKERS}, or auto")
+        return value
 
     @field_validator("allowed_from_domains", "allowed_to_domains", mode="before")
     @classmethod
@@ -140,6 +153,67 @@ class Settings(BaseSettings):
 
 
 _LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use (`WORKERS=auto`): its CPU affinity, capped by a cgroup CPU quota.
+
+    A container started with `--cpus 2` (or a Kubernetes CPU limit) on a 64-core host sees 64 CPUs in
+    `os.cpu_count()`; 64 workers would then share two CPUs' worth of time.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        count = os.cpu_count() or 1
+    limits = [cgroup_cpu_limit(*texts) for texts in _cgroup_files()]
+    quotas = [limit for limit in limits if limit is not None]
+    if quotas:
+        count = min(count, max(1, math.floor(min(quotas) + 1e-9)))  # 1.5 CPUs: one worker, never throttled
+    return max(1, count)
+
+
+def cgroup_cpu_limit(quota: str, period: str | None = None) -> float | None:
+    """CPUs a cgroup allows: from v2 `cpu.max` ("max 100000", "150000 100000") when `period` is None, else from
+    v1 `cpu.cfs_quota_us` ("-1" = none) and `cpu.cfs_period_us`. None: no limit, or unreadable."""
+    fields = quota.split()
+    if period is None:
+        if len(fields) != 2:
+            return None
+        fields, period = fields[:1], fields[1]
+    try:
+        allowed, length = int(fields[0]), int(period)
+    except (ValueError, IndexError):
+        return None
+    return allowed / length if allowed > 0 and length > 0 else None
+
+
+def _cgroup_files() -> list[tuple[str, str | None]]:
+    """The texts of the CPU quota files that apply to this process (cgroup v2 and v1), where they exist."""
+    base = Path("/sys/fs/cgroup")
+    own = ""
+    try:
+        for line in Path("/proc/self/cgroup").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("0::"):
+                own = line[3:].strip("/")
+    except OSError:
+        pass
+    found: list[tuple[str, str | None]] = []
+    for path in {base / "cpu.max", base / own / "cpu.max"}:
+        text = _read(path)
+        if text is not None:
+            found.append((text, None))
+    for folder in (base / "cpu", base / "cpu,cpuacct"):
+        quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            found.append((quota, period))
+    return found
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
 
 
 def variable_names() -> tuple[str, ...]:

@@ -250,6 +250,20 @@ def test_a_listen_host_that_cannot_be_used_is_a_configuration_error(stack, worke
     assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
 
 
+def test_workers_auto_starts_one_worker_per_usable_cpu(stack):
+    from smtp_relay.config import usable_cpus
+
+    expected = min(64, usable_cpus())
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="auto")
+    if expected > 1:
+        assert relay.wait_for_log("event=supervisor.started", f"workers={expected}"), relay.describe()
+        assert _wait(lambda: len(_children(relay.proc.pid)) == expected)
+    else:  # one usable CPU: the relay runs as a single process, as with WORKERS=1
+        assert relay.wait_for_log("event=listening") and not _children(relay.proc.pid)
+    assert transaction(relay.port, "sender@example.com", ["auto@example.com"], MSG)[1] == 250
+
+
 @pytest.mark.parametrize("value", ["0", "65", "two"])
 def test_invalid_workers_is_a_configuration_error(stack, value):
     sink = stack.sink()

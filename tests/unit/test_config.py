@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from smtp_relay.config import ConfigError, load_settings, variable_names
+from smtp_relay import config
+from smtp_relay.config import ConfigError, cgroup_cpu_limit, load_settings, variable_names
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +68,8 @@ def test_domain_lists_split_on_commas_and_ignore_spaces(monkeypatch: pytest.Monk
         ("MAX_MESSAGE_SIZE", "ten"),
         ("WORKERS", "0"),
         ("WORKERS", "65"),
+        ("WORKERS", "many"),
+        ("WORKERS", "-2"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -189,3 +192,51 @@ def test_workers_share_out_the_connection_and_login_failure_limits(
     # Where WORKERS is larger than MAX_CONNECTIONS, the start-up warnings say what the total becomes.
     warned = " ".join(settings.warnings())
     assert ("larger than MAX_CONNECTIONS" in warned) == (settings.workers > settings.max_connections)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "quota_files", "expected"),
+    [
+        (8, [], 8),  # no cgroup limit: every CPU the process may run on
+        (8, [("max 100000\n", None)], 8),
+        (8, [("200000 100000\n", None)], 2),  # docker --cpus 2 (cgroup v2)
+        (8, [("150000 100000\n", None)], 1),  # 1.5 CPUs: one worker, never throttled
+        (8, [("50000 100000", None)], 1),
+        (8, [("-1\n", "100000\n")], 8),  # cgroup v1, no quota
+        (8, [("300000\n", "100000\n")], 3),  # cgroup v1 --cpus 3
+        (8, [("400000 100000", None), ("200000", "100000")], 2),  # the tightest limit counts
+        (2, [("400000 100000", None)], 2),  # a quota above the CPUs pinned to
+        (100, [], 64),  # at most 64 workers
+        (4, [("garbage", None), ("", "")], 4),  # unreadable quota files count as no limit
+    ],
+)
+def test_workers_auto_is_the_cpus_the_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, quota_files: list[tuple[str, str | None]], expected: int
+) -> None:
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(config, "_cgroup_files", lambda: quota_files)
+    for value in ("auto", " AUTO "):
+        monkeypatch.setenv("WORKERS", value)
+        assert load_settings().workers == expected
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [
+        ("max 100000", None, None),
+        ("250000 100000", None, 2.5),
+        ("1 2 3", None, None),
+        ("x 100000", None, None),
+        ("-1", "100000", None),
+        ("100000", "100000", 1.0),
+        ("0", "100000", None),
+        ("100000", "0", None),
+    ],
+)
+def test_cgroup_cpu_limits_are_read_as_cpus(quota: str, period: str | None, expected: float | None) -> None:
+    assert cgroup_cpu_limit(quota, period) == expected
+
+
+def test_workers_auto_on_this_machine_is_within_its_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKERS", "auto")
+    assert 1 <= load_settings().workers <= min(64, len(config.os.sched_getaffinity(0)))
