@@ -344,13 +344,24 @@ class RelaySMTP(SMTP):
             self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
 
     def _timeout_cb(self) -> None:
-        """Say why before hanging up on an idle client (aiosmtpd just closes), and log it."""
+        """Say why before hanging up on an idle client (aiosmtpd just closes), and log it.
+
+        A connection closed earlier that is still open a TIMEOUT later belongs to a client that reads nothing: a
+        close waits until the unread replies are sent, which would hold the connection (and its MAX_CONNECTIONS
+        slot) forever. It is aborted.
+        """
         if self._idle_deadline > self.loop.time():  # a command came since the timer was set
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
             return
         session = self.session
+        ids = self._ids()
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            logs.event(logging.INFO, "timeout", **ids, reason="replies not read, connection aborted")
+            _writable(transport).abort()
+            return
         if isinstance(session, RelaySession):
-            logs.event(logging.INFO, "timeout", session=session.id, peer=session.peer_text, user=session.user)
+            logs.event(logging.INFO, "timeout", **ids)
         self._close_with(replies.IDLE_TIMEOUT)
 
     def begin_shutdown(self) -> None:
@@ -375,6 +386,11 @@ class RelaySMTP(SMTP):
             transport.write(reply.encode("ascii") + b"\r\n")
         finally:
             transport.close()
+        if transport.get_write_buffer_size():  # the client is not reading: abort if it still is not (_timeout_cb)
+            self._idle_deadline = self.loop.time() + self._timeout_duration
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
 
 
 class RefuseProtocol(asyncio.Protocol):

@@ -13,6 +13,7 @@ import uuid
 import pytest
 from support.client import RawClient, plain_b64, send_data, transaction
 from support.faults import open_fds, peak_rss_kb, rss_kb, settle
+from support.net import wait_until
 from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
 TIMEOUT = 2.0
@@ -392,6 +393,8 @@ def test_slowloris_dribbling_forever_is_disconnected_within_timeout(healthy, pha
 
 def test_client_that_never_reads_replies_is_held_back_and_cut_off(healthy, rig):
     relay, _, baseline = rig
+    aborted = 'reason="replies not read, connection aborted"'
+    aborts_before = relay.stdout.count(aborted)
     sock = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -415,6 +418,10 @@ def test_client_that_never_reads_replies_is_held_back_and_cut_off(healthy, rig):
         assert rss_kb(relay.proc.pid) < baseline["rss"] + RSS_HEADROOM_KB
         with RawClient(relay.port) as other:
             assert other.cmd("NOOP")[0] == 250
+        # ... and cut off while this client still holds its end open: after the idle timeout (whose 421 it does
+        # not read either, so the close cannot finish) and one more TIMEOUT, the relay lets go of the connection.
+        assert wait_until(lambda: relay.stdout.count(aborted) > aborts_before, TIMEOUT * 4), relay.describe()
+        assert settle(lambda: open_fds(relay.proc.pid), baseline["fds"], timeout=TIMEOUT * 2) <= baseline["fds"]
     finally:
         sock.close()
 
