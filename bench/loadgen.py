@@ -67,13 +67,14 @@ class Client(asyncio.Protocol):
         self.after = self.greeted
         self.left = args.per_conn
         self.started = 0.0
+        self.quitting = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
-            if self.after is self.closed:
+            if self.quitting:  # a server may hang up after QUIT without its 221
                 self.done.set_result(None)
             else:
                 self.done.set_exception(Failure(f"connection closed ({exc or 'EOF'})"))
@@ -121,6 +122,7 @@ class Client(asyncio.Protocol):
 
     def next_message(self) -> None:
         if self.left == 0:
+            self.quitting = True
             self.send(b"QUIT\r\n", b"2", self.closed)
             return
         self.left -= 1

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
             text = value.strip().lower()
             if text == "auto":
                 return min(MAX_WORKERS, usable_cpus())
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_WORKERS):
                 raise ValueError(f"must be a whole number from 1 to {MAX_WORKERS}, or auto")
         return value
 
@@ -187,26 +187,38 @@ def cgroup_cpu_limit(quota: str, period: str | None = None) -> float | None:
     return allowed / length if allowed > 0 and length > 0 else None
 
 
-def _cgroup_files() -> list[tuple[str, str | None]]:
-    """The texts of the CPU quota files that apply to this process (cgroup v2 and v1), where they exist."""
-    base = Path("/sys/fs/cgroup")
-    own = ""
+def _cgroup_files(
+    base: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> list[tuple[str, str | None]]:
+    """The texts of the CPU quota files that apply to this process, where they exist: those of its own cgroup and
+    of every parent up to the root (a systemd slice or an outer container may set the limit), v2 and v1."""
+    v2, v1 = "", ""
     try:
-        for line in Path("/proc/self/cgroup").read_text(encoding="ascii", errors="replace").splitlines():
-            if line.startswith("0::"):
-                own = line[3:].strip("/")
+        for line in membership.read_text(encoding="ascii", errors="replace").splitlines():
+            _, controllers, path = [*line.split(":", 2), "", ""][:3]
+            if not controllers:
+                v2 = path
+            elif "cpu" in controllers.split(","):
+                v1 = path
     except OSError:
         pass
     found: list[tuple[str, str | None]] = []
-    for path in {base / "cpu.max", base / own / "cpu.max"}:
-        text = _read(path)
+    for folder in _with_parents(base, v2):
+        text = _read(folder / "cpu.max")
         if text is not None:
             found.append((text, None))
-    for folder in (base / "cpu", base / "cpu,cpuacct"):
-        quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-        if quota is not None and period is not None:
-            found.append((quota, period))
+    for mount in (base / "cpu", base / "cpu,cpuacct"):
+        for folder in _with_parents(mount, v1):
+            quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+            if quota is not None and period is not None:
+                found.append((quota, period))
     return found
+
+
+def _with_parents(mount: Path, path: str) -> list[Path]:
+    """`mount`/`path` and each parent of it up to `mount` itself (`..` and empty parts are ignored)."""
+    parts = [part for part in path.split("/") if part not in ("", ".", "..")]
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
 
 
 def _read(path: Path) -> str | None:

@@ -117,10 +117,11 @@ class _FormatOnce(logging.Formatter):
         raise NotImplementedError
 
 
-# `key=value` texts of recent text fields: a session's id, peer and user, the sender and recipients recur on
-# every line of a session (and across sessions), and a lookup costs a fraction of escaping again. Bounded: it
-# starts afresh when full.
+# `key=value` texts of recent short text fields: a session's id, peer and user, the sender and recipients recur
+# on every line of a session (and across sessions), and a lookup costs a fraction of escaping again. Bounded in
+# entries and in length (long client-supplied values are escaped each time): it starts afresh when full.
 _PAIRS_LIMIT = 4096
+_PAIR_VALUE_LIMIT = 128
 _pairs: dict[tuple[str, str], str] = {}
 
 
@@ -132,7 +133,7 @@ class TextFormatter(_FormatOnce):
     ) -> str:
         parts = [_timestamp(created), f"level={level}", f"event={escape(name)}"]
         for key, value in fields.items():
-            if type(value) is str:
+            if type(value) is str and len(value) <= _PAIR_VALUE_LIMIT:
                 pair = (key, value)
                 text = _pairs.get(pair)
                 if text is None:

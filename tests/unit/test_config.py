@@ -240,3 +240,24 @@ def test_cgroup_cpu_limits_are_read_as_cpus(quota: str, period: str | None, expe
 def test_workers_auto_on_this_machine_is_within_its_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKERS", "auto")
     assert 1 <= load_settings().workers <= min(64, len(config.os.sched_getaffinity(0)))
+
+
+def test_cgroup_quotas_of_the_own_group_and_its_parents_are_read(tmp_path: Path) -> None:
+    membership = tmp_path / "cgroup"
+    membership.write_text("12:cpu,cpuacct:/outer/inner\n0::/system.slice/relay.service\n")
+    base = tmp_path / "fs"
+    for folder, text in {
+        "system.slice/relay.service": "max 100000\n",
+        "system.slice": "300000 100000\n",  # a slice's CPUQuota=300%
+        "": "max 100000\n",
+    }.items():
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        (base / folder / "cpu.max").write_text(text)
+    v1 = base / "cpu,cpuacct" / "outer"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    found = config._cgroup_files(base, membership)
+    limits = sorted(limit for limit in (cgroup_cpu_limit(*texts) for texts in found) if limit is not None)
+    assert limits == [2.5, 3.0]
+    assert config._cgroup_files(base, tmp_path / "missing") == [("max 100000\n", None)]  # only the root's own

@@ -60,7 +60,7 @@ def test_text_log_line_cannot_be_forged_with_crlf() -> None:
     assert 'address="a@x\\r\\n2026 level=INFO event=forged"' in line
 
 
-@given(st.dictionaries(st.sampled_from(["user", "address", "reason"]), st.text(max_size=20) | st.integers()))
+@given(st.dictionaries(st.sampled_from(["user", "address", "reason"]), st.text(max_size=200) | st.integers()))
 def test_text_fields_read_the_same_whether_escaped_anew_or_remembered(fields: dict[str, object]) -> None:
     expected = " ".join(f"{key}={escape(value)}" for key, value in fields.items())
     for _ in range(2):  # the second time from the cache of recent fields
@@ -71,8 +71,9 @@ def test_text_fields_read_the_same_whether_escaped_anew_or_remembered(fields: di
 def test_cache_of_recent_text_fields_stays_bounded() -> None:
     formatter = TextFormatter()
     for n in range(logs._PAIRS_LIMIT + 10):
-        formatter.format_event(0.0, "INFO", "x", {"session": f"s{n}"})
+        formatter.format_event(0.0, "INFO", "x", {"session": f"s{n}", "address": f"{n}" + "a" * 500})
     assert 0 < len(logs._pairs) <= logs._PAIRS_LIMIT
+    assert all(len(value) <= logs._PAIR_VALUE_LIMIT for _, value in logs._pairs)
 
 
 def test_json_log_line_is_one_object() -> None:
