@@ -107,6 +107,28 @@ def tree_cpu(root: int) -> float:
     return total
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def quiet_machine(busy_below: float = 0.25, window: float = 0.2, limit: float = 5.0) -> None:
+    """Wait (at most `limit` seconds) until the machine's CPUs are mostly idle over a short window.
+
+    A sample should not start while the previous one's work still runs: Postfix goes on writing and removing queue
+    files and logging after the last message reached the sink, and that would land on whichever target comes next.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        busy0, total0 = machine_busy()
+        time.sleep(window)
+        busy1, total1 = machine_busy()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            return
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -544,6 +566,7 @@ def main() -> int:
                     port, auth, cpu_of = targets[name]
                     # A few messages first, so that every target starts warm (upstream sessions open), as in
                     # steady traffic: an idle pool expires between a target's turns in this interleaved run.
+                    quiet_machine()
                     run_load(port, warm, auth, sink, cpu_of)
                     sample = run_load(port, sc, auth, sink, cpu_of)
                     results.setdefault((sc.name, name), Row()).samples.append(sample)
