@@ -40,6 +40,34 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return uvloop.run(main())
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for host:port, one per address, as asyncio's `create_server` makes them; bound once, by the
+    relay or by the supervisor of its workers."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this host lacks (say, IPv6): skipped, as asyncio does
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+        if not sockets:
+            raise OSError(0, "no usable address")
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host name with an empty or too long label
+        for sock in sockets:
+            sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {reason}") from None
+    return sockets
+
+
 class RelayServer:
     """startup -> serve until a signal -> shutdown in stages (stop accepting, drain, force)."""
 
@@ -128,21 +156,8 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         s = self.settings
         self._worker = worker
-        if sockets:
-            for sock in sockets:
-                self._servers.append(await loop.create_server(self._protocol_factory, sock=sock, backlog=1024))
-        else:
-            try:
-                self._servers.append(
-                    await loop.create_server(
-                        self._protocol_factory, s.listen_host, s.listen_port, reuse_address=True, backlog=1024
-                    )
-                )
-            except (OSError, UnicodeError) as exc:  # UnicodeError: a host name with an empty or too long label
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise ConfigError(
-                    "LISTEN_PORT", f"cannot listen on {s.listen_host}:{s.listen_port}: {reason}"
-                ) from None
+        for sock in sockets or bind(s.listen_host, s.listen_port):
+            self._servers.append(await loop.create_server(self._protocol_factory, sock=sock, backlog=1024))
         # A worker leaves SIGINT (a terminal's Ctrl-C reaches the whole process group) to its supervisor,
         # which passes it on as SIGTERM: two signals would force the worker down at once.
         for sig in (signal.SIGTERM, signal.SIGUSR1) if worker is not None else (signal.SIGTERM, signal.SIGINT):

@@ -56,33 +56,6 @@ def worker_share(settings: Settings) -> Settings:
     )
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for host:port, one per address, as asyncio's `create_server` makes them."""
-    sockets: list[socket.socket] = []
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            try:
-                sock = socket.socket(family, kind, proto)
-            except OSError:  # an address family this host lacks (say, IPv6): skipped, as asyncio does
-                continue
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(1024)
-            sock.setblocking(False)
-        if not sockets:
-            raise OSError(0, "no usable address")
-    except (OSError, UnicodeError) as exc:  # UnicodeError: a host name with an empty or too long label
-        for sock in sockets:
-            sock.close()
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {reason}") from None
-    return sockets
-
-
 @dataclass
 class _Worker:
     index: int
@@ -108,6 +81,8 @@ class Supervisor:
         self._failed = False
 
     def run(self) -> int:
+        from smtp_relay.server import bind
+
         s = self.settings
         self._sockets = bind(s.listen_host, s.listen_port)
         for sig in (signal.SIGTERM, signal.SIGINT):

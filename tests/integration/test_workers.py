@@ -13,6 +13,7 @@ import time
 
 import pytest
 from support.client import RawClient, plain_b64, transaction
+from support.faults import open_sockets
 from support.net import wait_until
 from support.relay import CLIENT_USER, REPO_ROOT, clean_env, relay_env
 from support.sink import Sink
@@ -35,23 +36,13 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def _sockets(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return count
-
-
 def _settled(pids: list[int], timeout: float = 5.0) -> bool:
     """The workers' socket counts stay the same for half a second."""
     deadline = time.monotonic() + timeout
-    last = {pid: _sockets(pid) for pid in pids}
+    last = {pid: open_sockets(pid) for pid in pids}
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = {pid: _sockets(pid) for pid in pids}
+        now = {pid: open_sockets(pid) for pid in pids}
         if now == last:
             return True
         last = now
@@ -86,10 +77,10 @@ def test_workers_share_one_port_and_relay_every_message(stack):
     # Connections held open at once are spread over the workers (the kernel wakes them all; one accepts).
     # Counted once the last transaction's connection is closed on the relay's side too.
     assert relay.wait_for_log("event=disconnect", "messages=1") and _settled(workers)
-    before = {pid: _sockets(pid) for pid in workers}
+    before = {pid: open_sockets(pid) for pid in workers}
     clients = [RawClient(relay.port) for _ in range(24)]
     try:
-        gained = {pid: _sockets(pid) - before[pid] for pid in workers}
+        gained = {pid: open_sockets(pid) - before[pid] for pid in workers}
         assert sum(gained.values()) == 24, gained
         assert sum(1 for n in gained.values() if n > 0) >= 2, f"one worker took every connection: {gained}"
     finally:
