@@ -451,6 +451,9 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         response = await _next_reply(protocol, seconds)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
         client.close()
+        refusal = _early_refusal(protocol)
+        if refusal is not None:  # refused, then the upstream hung up or stopped reading: its verdict is the answer
+            raise SMTPDataError(refusal.code, refusal.message) from None
         raise
     finally:
         protocol._response_pending = False
@@ -537,6 +540,19 @@ def _ssl_cause(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _early_refusal(protocol: SMTPProtocol) -> SMTPResponse | None:
+    """A refusal (4xx/5xx) the upstream sent while the message was still being written, if one came.
+
+    Servers that refuse a message early (552: too big) may close the session at once; the write then fails, but
+    the reply, already read, says what became of the message.
+    """
+    waiter = protocol._response_waiter
+    if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+        return None
+    response = waiter.result()
+    return response if response.code >= 400 else None
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:

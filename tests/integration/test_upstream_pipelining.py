@@ -5,6 +5,8 @@ PIPELINING gets one command at a time."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import time
 
 import pytest
 from support.client import transaction
@@ -172,12 +174,18 @@ def test_refused_end_of_data_keeps_the_session(stack):
 
 class EarlyRefusalUpstream(ThreadedServer):
     """Answers 552 after 200 KB of the first message's data, reads on to the final dot and answers that 250 too
-    (a server that refuses early but keeps the protocol going); replies name their command ("250 ok RCPT")."""
+    (a server that refuses early but keeps the protocol going); replies name their command ("250 ok RCPT").
 
-    def __init__(self) -> None:
+    With `hang_up`, it ends the session after the refusal instead: "graceful" closes its side and reads on until the
+    relay closes; "abrupt" stops reading, waits a second (the relay's writes back up) and closes the socket with
+    data unread, which resets the connection.
+    """
+
+    def __init__(self, *, hang_up: str = "") -> None:
         super().__init__()
         self.delivered: list[bytes] = []
         self.refused = False
+        self.hang_up = hang_up
 
     def session(self, conn) -> None:
         buffer = b""
@@ -214,6 +222,13 @@ class EarlyRefusalUpstream(ThreadedServer):
                         self.refused = True
                         data(200_000)
                         conn.sendall(b"552 5.3.4 Message too big for this system\r\n")
+                        if self.hang_up == "graceful":
+                            conn.shutdown(socket.SHUT_WR)
+                            while conn.recv(1 << 20):
+                                pass
+                        if self.hang_up:
+                            time.sleep(1.0)
+                            return
                     data(b"\r\n.\r\n")
                     body, buffer = buffer.split(b"\r\n.\r\n", 1)
                     self.delivered.append(body)
@@ -237,6 +252,23 @@ def test_a_refusal_sent_before_the_end_of_a_large_message_does_not_leave_the_ses
             stage, code, text = transaction(relay.port, "sender@example.com", [f"next{i}@example.com"], MSG)
             assert (stage, code) == ("DATA", 250), text
         assert upstream.sessions == 2, "the session that refused early is not reused"
+
+
+@pytest.mark.parametrize("hang_up", ["graceful", "abrupt"])
+def test_a_refusal_followed_by_a_hang_up_in_the_middle_of_a_large_message_is_passed_on_as_permanent(stack, hang_up):
+    # The upstream refused the message (5xx) and ended the session while the relay was still sending it: that is a
+    # verdict, not a lost connection, so the client must get the 552 (not a 451 that has it retry for days).
+    with EarlyRefusalUpstream(hang_up=hang_up) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="10")
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20_000  # 20 MB: more than the socket buffers
+        stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], big)
+        assert (stage, code) == ("DATA", 552) and "too big" in text, (stage, code, text)
+        assert upstream.delivered == []
+        stage, code, text = transaction(relay.port, "sender@example.com", ["next@example.com"], MSG)
+        assert (stage, code) == ("DATA", 250), text
+        assert upstream.sessions == 2
+        line = relay.wait_for_log("event=forward.failed", "upstream_code=552")
+        assert line is not None and 'reply="552 5.3.4' in line, relay.describe()
 
 
 def test_the_upstream_client_does_not_reuse_a_session_that_refused_before_the_end_of_data():
