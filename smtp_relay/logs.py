@@ -77,14 +77,23 @@ def event(level: int, name: str, /, **fields: object) -> None:
 
 
 _second: tuple[int, str] = (-1, "")
+_millisecond: tuple[int, str] = (-1, "")
+_MS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def _timestamp(created: float) -> str:
-    global _second
-    whole = int(created)
-    if _second[0] != whole:  # one strftime per second, not per line
+    """UTC, to the millisecond: made once per millisecond (a busy relay logs several lines in one) from a
+    strftime made once per second."""
+    global _second, _millisecond
+    ms = int(created * 1000)
+    if _millisecond[0] == ms:
+        return _millisecond[1]
+    whole, fraction = divmod(ms, 1000)
+    if _second[0] != whole:
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
+    text = _second[1] + _MS_SUFFIX[fraction]
+    _millisecond = (ms, text)
+    return text
 
 
 def _fields(record: logging.LogRecord) -> tuple[dict[str, object], str]:
@@ -123,6 +132,9 @@ class _FormatOnce(logging.Formatter):
 _PAIRS_LIMIT = 4096
 _PAIR_VALUE_LIMIT = 128
 _pairs: dict[tuple[str, str], str] = {}
+# `level=... event=...` per level and event name (ours are a few dozen; other loggers' names are few, and the
+# cache is bounded like the pairs).
+_heads: dict[tuple[str, str], str] = {}
 
 
 class TextFormatter(_FormatOnce):
@@ -131,7 +143,12 @@ class TextFormatter(_FormatOnce):
     def format_event(
         self, created: float, level: str, name: str, fields: dict[str, object], traceback: str | None = None
     ) -> str:
-        parts = [_timestamp(created), f"level={level}", f"event={escape(name)}"]
+        head = _heads.get((level, name))
+        if head is None:
+            if len(_heads) >= _PAIRS_LIMIT:
+                _heads.clear()
+            head = _heads[(level, name)] = f"level={level} event={escape(name)}"
+        parts = [_timestamp(created), head]
         for key, value in fields.items():
             if type(value) is str and len(value) <= _PAIR_VALUE_LIMIT:
                 pair = (key, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import re
@@ -74,6 +75,27 @@ def test_cache_of_recent_text_fields_stays_bounded() -> None:
         formatter.format_event(0.0, "INFO", "x", {"session": f"s{n}", "address": f"{n}" + "a" * 500})
     assert 0 < len(logs._pairs) <= logs._PAIRS_LIMIT
     assert all(len(value) <= logs._PAIR_VALUE_LIMIT for _, value in logs._pairs)
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False), st.floats(min_value=0, max_value=0.002))
+def test_timestamps_are_utc_to_the_millisecond_whether_made_anew_or_remembered(created: float, later: float) -> None:
+    for moment in (created, created, created + later):  # the second from the cache; the third maybe not
+        expected = datetime.datetime.fromtimestamp(int(moment * 1000) / 1000, datetime.UTC)
+        assert logs._timestamp(moment) == expected.strftime("%Y-%m-%dT%H:%M:%S.") + f"{expected.microsecond // 1000:03d}Z"
+
+
+@given(st.sampled_from(["INFO", "WARNING"]), st.text(max_size=40))
+def test_level_and_event_read_the_same_whether_escaped_anew_or_remembered(level: str, name: str) -> None:
+    for _ in range(2):
+        line = TextFormatter().format_event(0.0, level, name, {})
+        assert line == f"1970-01-01T00:00:00.000Z level={level} event={escape(name)}"
+
+
+def test_cache_of_level_and_event_texts_stays_bounded() -> None:
+    formatter = TextFormatter()
+    for n in range(logs._PAIRS_LIMIT + 10):
+        formatter.format_event(0.0, "INFO", f"library.logger{n}", {})
+    assert 0 < len(logs._heads) <= logs._PAIRS_LIMIT
 
 
 def test_json_log_line_is_one_object() -> None:
