@@ -81,7 +81,8 @@ def test_cache_of_recent_text_fields_stays_bounded() -> None:
 def test_timestamps_are_utc_to_the_millisecond_whether_made_anew_or_remembered(created: float, later: float) -> None:
     for moment in (created, created, created + later):  # the second from the cache; the third maybe not
         expected = datetime.datetime.fromtimestamp(int(moment * 1000) / 1000, datetime.UTC)
-        assert logs._timestamp(moment) == expected.strftime("%Y-%m-%dT%H:%M:%S.") + f"{expected.microsecond // 1000:03d}Z"
+        text = expected.strftime("%Y-%m-%dT%H:%M:%S.") + f"{expected.microsecond // 1000:03d}Z"
+        assert logs._timestamp(moment) == text
 
 
 @given(st.sampled_from(["INFO", "WARNING"]), st.text(max_size=40))
