@@ -438,22 +438,26 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
                 continue
             protocol.write(b"".join(batch))
             batch, batched, streamed = [], 0, True
-            if protocol._paused:  # the transport's buffer is full: wait until it drains
-                try:
-                    await asyncio.wait_for(protocol._drain_helper(), seconds)
-                except TimeoutError:
-                    raise SMTPTimeoutError("Timed out sending the message") from None
+            if protocol._paused:  # the transport's buffer is full: wait until it drains, or the upstream answers
+                await _drained_or_answered(protocol, seconds)
+            if _answer(protocol) is not None:
+                # The upstream answered before the end of data (say, 552 once a size limit was crossed): the rest
+                # is not sent, nor the final dot, which could end a message cut short; closing ends the transaction.
+                client.close()
+                answer = _answer(protocol)
+                assert answer is not None
+                raise SMTPDataError(answer.code if answer.code >= 400 else -1, answer.message)
         # A reply already here came before the end of data (say, 552 once a size limit was crossed): it refuses
         # the message, and the upstream's reply to the final dot is still to come, so the session is out of step.
         early = bool(protocol._buffer) or (protocol._response_waiter is not None and protocol._response_waiter.done())
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
-    except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
+    except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
         client.close()
-        refusal = _early_refusal(protocol)
-        if refusal is not None:  # refused, then the upstream hung up or stopped reading: its verdict is the answer
-            raise SMTPDataError(refusal.code, refusal.message) from None
+        answer = _answer(protocol)
+        if answer is not None and answer.code >= 400:  # refused, then the upstream hung up: its verdict stands
+            raise SMTPDataError(answer.code, answer.message) from None
         raise
     finally:
         protocol._response_pending = False
@@ -517,8 +521,6 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):
         # A handshake the upstream aborts (say, it offers only TLS 1.1) reaches us as a plain disconnect.
         return _failed(stage, replies.UPSTREAM_TLS_FAILED, problem=f"TLS handshake failed: {exc}")
-    if isinstance(exc, SMTPTimeoutError):
-        return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
     if isinstance(exc, SMTPServerDisconnected):
         return _failed(stage, replies.UPSTREAM_CONNECTION_LOST, problem=f"disconnected: {exc}")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
@@ -542,17 +544,39 @@ def _ssl_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _early_refusal(protocol: SMTPProtocol) -> SMTPResponse | None:
-    """A refusal (4xx/5xx) the upstream sent while the message was still being written, if one came.
+def _answer(protocol: SMTPProtocol) -> SMTPResponse | None:
+    """A whole reply the upstream sent while the message was still being written, if one came.
 
-    Servers that refuse a message early (552: too big) may close the session at once; the write then fails, but
-    the reply, already read, says what became of the message.
+    Servers that refuse a message early (552: too big) may stop reading or close the session at once; the
+    reply, already read, says what became of the message. (A refusal that arrives together with a reset may
+    never be read: that remains a lost connection.)
     """
     waiter = protocol._response_waiter
     if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
         return None
-    response = waiter.result()
-    return response if response.code >= 400 else None
+    return waiter.result()
+
+
+async def _drained_or_answered(protocol: SMTPProtocol, seconds: float) -> None:
+    """Wait until the transport's buffer drains or the upstream answers (a refusal: the caller stops writing).
+
+    An upstream that refuses early may stop reading without closing; waiting for the drain alone would keep the
+    client waiting `seconds` for a verdict already given.
+    """
+    waiter = protocol._response_waiter
+    drained = asyncio.ensure_future(protocol._drain_helper())
+    try:
+        done, _ = await asyncio.wait(
+            (drained,) if waiter is None else (drained, waiter),
+            timeout=seconds,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        drained.cancel()  # a no-op once done
+    if drained in done:
+        drained.result()  # ConnectionResetError if the connection was lost meanwhile
+    elif not done:
+        raise SMTPTimeoutError("Timed out sending the message")
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:

@@ -178,7 +178,7 @@ class EarlyRefusalUpstream(ThreadedServer):
 
     With `hang_up`, it ends the session after the refusal instead: "graceful" closes its side and reads on until the
     relay closes; "abrupt" stops reading, waits a second (the relay's writes back up) and closes the socket with
-    data unread, which resets the connection.
+    data unread, which resets the connection; "stall" stops reading and holds the connection for 8 seconds.
     """
 
     def __init__(self, *, hang_up: str = "") -> None:
@@ -227,7 +227,7 @@ class EarlyRefusalUpstream(ThreadedServer):
                             while conn.recv(1 << 20):
                                 pass
                         if self.hang_up:
-                            time.sleep(1.0)
+                            time.sleep(8.0 if self.hang_up == "stall" else 1.0)
                             return
                     data(b"\r\n.\r\n")
                     body, buffer = buffer.split(b"\r\n.\r\n", 1)
@@ -254,15 +254,18 @@ def test_a_refusal_sent_before_the_end_of_a_large_message_does_not_leave_the_ses
         assert upstream.sessions == 2, "the session that refused early is not reused"
 
 
-@pytest.mark.parametrize("hang_up", ["graceful", "abrupt"])
+@pytest.mark.parametrize("hang_up", ["graceful", "abrupt", "stall"])
 def test_a_refusal_followed_by_a_hang_up_in_the_middle_of_a_large_message_is_passed_on_as_permanent(stack, hang_up):
-    # The upstream refused the message (5xx) and ended the session while the relay was still sending it: that is a
-    # verdict, not a lost connection, so the client must get the 552 (not a 451 that has it retry for days).
+    # The upstream refused the message (5xx) and ended the session, or stopped reading, while the relay was still
+    # sending it: that is a verdict, not a lost connection, so the client must get the 552 (not a 451 that has it
+    # retry for days), and at once, not after TIMEOUT.
     with EarlyRefusalUpstream(hang_up=hang_up) as upstream:
         relay = stack.relay(upstream.port, TIMEOUT="10")
         big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20_000  # 20 MB: more than the socket buffers
+        started = time.monotonic()
         stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], big)
         assert (stage, code) == ("DATA", 552) and "too big" in text, (stage, code, text)
+        assert time.monotonic() - started < 6, "the verdict waited for the relay's TIMEOUT"
         assert upstream.delivered == []
         stage, code, text = transaction(relay.port, "sender@example.com", ["next@example.com"], MSG)
         assert (stage, code) == ("DATA", 250), text
