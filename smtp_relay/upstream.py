@@ -440,16 +440,11 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
             batch, batched, streamed = [], 0, True
             if protocol._paused:  # the transport's buffer is full: wait until it drains, or the upstream answers
                 await _drained_or_answered(protocol, seconds)
-            if _answer(protocol) is not None:
-                # The upstream answered before the end of data (say, 552 once a size limit was crossed): the rest
-                # is not sent, nor the final dot, which could end a message cut short; closing ends the transaction.
-                client.close()
-                answer = _answer(protocol)
-                assert answer is not None
-                raise SMTPDataError(answer.code if answer.code >= 400 else -1, answer.message)
-        # A reply already here came before the end of data (say, 552 once a size limit was crossed): it refuses
-        # the message, and the upstream's reply to the final dot is still to come, so the session is out of step.
-        early = bool(protocol._buffer) or (protocol._response_waiter is not None and protocol._response_waiter.done())
+            _stop_if_answered(client, protocol)
+        _stop_if_answered(client, protocol)
+        # Part of a reply already here came before the end of data: the reply it starts is no verdict on the whole
+        # message, and the upstream's reply to the final dot is still to come, so the session is out of step.
+        early = bool(protocol._buffer)
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
@@ -555,6 +550,18 @@ def _answer(protocol: SMTPProtocol) -> SMTPResponse | None:
     if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
         return None
     return waiter.result()
+
+
+def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol) -> None:
+    """Raise the upstream's answer if one came before the end of data (say, 552 once a size limit was crossed).
+
+    The rest of the message is then not sent, nor the final dot, which could end a message cut short; closing the
+    session ends the transaction with nothing delivered.
+    """
+    answer = _answer(protocol)
+    if answer is not None:
+        client.close()
+        raise SMTPDataError(answer.code if answer.code >= 400 else -1, answer.message)
 
 
 async def _drained_or_answered(protocol: SMTPProtocol, seconds: float) -> None:
