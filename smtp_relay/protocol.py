@@ -173,6 +173,17 @@ class RelaySMTP(SMTP):
                         duration=f"{time.monotonic() - session.started:.3f}",
                     )
 
+    def eof_received(self) -> bool | None:
+        """The client closed its side: close ours (the connection ends, and its MAX_CONNECTIONS slot is free).
+
+        aiosmtpd cancels its command loop here and keeps the connection half open, relying on the loop's
+        cancellation handler to close it. A client that hangs up before the loop first ran (a TCP health check, a
+        port scan) cancels it before that handler exists: the connection then stayed open until TIMEOUT. Replies
+        already written are still sent before the close.
+        """
+        super().eof_received()
+        return False
+
     async def push(self, status: AnyStr) -> None:
         """Add RFC 3463 codes to aiosmtpd's own replies, and close after a reply once draining.
 

@@ -167,3 +167,24 @@ def _served_newcomer(port: int) -> bool:
             return s.recv(4096).startswith(b"250")
     except OSError:
         return False
+
+
+def test_clients_that_connect_and_hang_up_at_once_do_not_hold_connection_slots(stack):
+    # TCP health checks, load balancer probes and port scanners connect and close before reading the greeting.
+    # Each must give its MAX_CONNECTIONS slot back at once, not after TIMEOUT: otherwise a few of them lock every
+    # real client out (421) for a minute.
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, MAX_CONNECTIONS="3", TIMEOUT="30")
+    for _ in range(3):
+        for _ in range(6):
+            socket.create_connection(("127.0.0.1", relay.port), timeout=5).close()
+        deadline = time.monotonic() + 3
+        while True:
+            with RawClient(relay.port) as c:
+                if c.greeting[0] == 220:
+                    assert c.cmd("EHLO served.test")[0] == 250
+                    break
+                assert c.greeting[0] == 421, c.greeting
+            assert time.monotonic() < deadline, "probes still hold the connection slots:\n" + relay.describe()
+            time.sleep(0.05)
+    assert relay.wait_for_log("event=disconnect", "duration=0.0"), relay.describe()
