@@ -128,11 +128,6 @@ class Settings(BaseSettings):
             found.append("RELAY_USE_TLS and RELAY_USE_SSL are off: mail goes to the upstream in plain text")
         elif not self.relay_tls_verify:
             found.append("RELAY_TLS_VERIFY is off: the upstream's certificate and host name are not checked")
-        if self.workers > self.max_connections:
-            found.append(
-                f"WORKERS ({self.workers}) is larger than MAX_CONNECTIONS ({self.max_connections}): each worker "
-                f"allows one connection, so the total is {self.workers}"
-            )
         return found
 
     def masked(self) -> dict[str, str]:

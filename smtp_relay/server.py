@@ -9,7 +9,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smtp_relay import __version__, logs
 from smtp_relay.auth import Authenticator
@@ -18,6 +18,9 @@ from smtp_relay.handler import RelayHandler
 from smtp_relay.lockout import LoginThrottle
 from smtp_relay.protocol import RefuseProtocol, RelaySMTP
 from smtp_relay.upstream import Upstream, UpstreamSettings
+
+if TYPE_CHECKING:
+    from smtp_relay.workers import ConnectionCounts
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -103,19 +106,25 @@ class RelayServer:
         self._all_closed.set()
         self._signals = 0
         self._worker: int | None = None  # this process's number under a supervisor (WORKERS > 1)
+        self._counts: ConnectionCounts | None = None  # every worker's open connections (WORKERS > 1)
 
     # ConnectionTracker
     def opened(self, protocol: RelaySMTP) -> None:
         self.connections.add(protocol)
         self._all_closed.clear()
+        if self._counts is not None and self._worker is not None:
+            self._counts.set(self._worker, len(self.connections))
 
     def closed(self, protocol: RelaySMTP) -> None:
         self.connections.discard(protocol)
         if not self.connections:
             self._all_closed.set()
+        if self._counts is not None and self._worker is not None:
+            self._counts.set(self._worker, len(self.connections))
 
     def _protocol_factory(self) -> asyncio.Protocol:
-        if len(self.connections) >= self.settings.max_connections:
+        open_now = self._counts.total() if self._counts is not None else len(self.connections)
+        if open_now >= self.settings.max_connections:
             return RefuseProtocol()
         if self._template is None:
             self._template = self.protocol_template()
@@ -141,8 +150,12 @@ class RelayServer:
             loop=asyncio.get_running_loop(),
         )
 
-    async def serve(self, sockets: Sequence[socket.socket] = (), worker: int | None = None) -> int:
-        """Serve until SIGTERM/SIGINT. A worker (see `workers`) serves `sockets` its supervisor bound."""
+    async def serve(
+        self, sockets: Sequence[socket.socket] = (), worker: int | None = None, counts: ConnectionCounts | None = None
+    ) -> int:
+        """Serve until SIGTERM/SIGINT. A worker (see `workers`) serves `sockets` its supervisor bound, and keeps
+        MAX_CONNECTIONS for all workers together through `counts`."""
+        self._counts = counts
         await self.startup(sockets, worker)
         await self._should_exit.wait()
         await self.shutdown()

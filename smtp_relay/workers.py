@@ -7,16 +7,18 @@ busy worker takes fewer. The supervisor itself relays nothing: on SIGTERM or SIG
 worker (each finishes its transactions, as a single relay does), a second signal forces them, and it exits
 once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
 
-Limits are shared out: each worker takes MAX_CONNECTIONS / N connections (rounded down, at least one;
-`Settings.warnings` says so when WORKERS is larger) and locks an address out after AUTH_MAX_FAILURES / N failures
-that it saw itself, rounded up, so that a mistyped password locks nobody out where one process would not; an
-attacker gets at most AUTH_MAX_FAILURES + N - 1 tries before every worker refuses the address.
+MAX_CONNECTIONS holds for the whole relay: the workers count their open connections in memory shared with the
+supervisor (`ConnectionCounts`), so a worker takes a connection while the total is under the limit, whichever
+worker holds the others. Each worker locks an address out after AUTH_MAX_FAILURES / N failures that it saw
+itself, rounded up, so that a mistyped password locks nobody out where one process would not; an attacker gets at
+most AUTH_MAX_FAILURES + N - 1 tries before every worker refuses the address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -46,14 +48,28 @@ FORCE = signal.SIGUSR1
 
 
 def worker_share(settings: Settings) -> Settings:
-    """The settings of one worker: the connection and login-failure limits divided among the workers."""
-    n = settings.workers
-    return settings.model_copy(
-        update={
-            "max_connections": max(1, settings.max_connections // n),
-            "auth_max_failures": -(-settings.auth_max_failures // n),  # rounded up: see the module docstring
-        }
-    )
+    """The settings of one worker: the login-failure limit divided among the workers (see the module docstring)."""
+    return settings.model_copy(update={"auth_max_failures": -(-settings.auth_max_failures // settings.workers)})
+
+
+class ConnectionCounts:
+    """Each worker's open client connections, in memory the supervisor shares with the workers it forks.
+
+    A worker writes only its own slot and reads them all when a connection arrives. Workers that take a connection
+    at the same instant may each take the last place, so the total can pass MAX_CONNECTIONS by at most
+    WORKERS - 1. The supervisor clears the slot of a worker that exited (a killed one cannot).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._memory = mmap.mmap(-1, 8 * workers)  # anonymous and shared: the same pages after fork()
+        self._slots = memoryview(self._memory).cast("q")
+
+    def set(self, worker: int, count: int) -> None:
+        """`worker` (1 to WORKERS) has `count` connections open."""
+        self._slots[worker - 1] = count
+
+    def total(self) -> int:
+        return sum(self._slots)
 
 
 @dataclass
@@ -75,6 +91,7 @@ class Supervisor:
         self._worker_settings = worker_share(settings)
         RelayServer(self._worker_settings)  # any configuration error (TLS files) shows here, once
         self._sockets: list[socket.socket] = []
+        self._counts = ConnectionCounts(settings.workers)
         self._workers = [_Worker(i) for i in range(1, settings.workers + 1)]
         self._signals = 0
         self._pending_signals: list[int] = []
@@ -94,7 +111,7 @@ class Supervisor:
             workers=s.workers,
             host=s.listen_host,
             port=s.listen_port,
-            max_connections_per_worker=self._worker_settings.max_connections,
+            max_connections=s.max_connections,
         )
         try:
             for worker in self._workers:
@@ -138,6 +155,7 @@ class Supervisor:
                 pass
 
     def _start(self, worker: _Worker) -> None:
+        self._counts.set(worker.index, 0)  # a worker that died held connections no more
         logs.flush_all()  # or the child would write the supervisor's pending lines again
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
@@ -152,7 +170,7 @@ class Supervisor:
         else:  # the worker: never returns into the supervisor's code
             code = 70
             try:
-                code = _worker_main(self._worker_settings, self._sockets, worker.index, os.getppid())
+                code = _worker_main(self._worker_settings, self._sockets, self._counts, worker.index, os.getppid())
             except ConfigError as exc:
                 print(f"smtp-relay: configuration error: {exc}", file=sys.stderr)
                 code = 2
@@ -176,6 +194,7 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(status)
             worker.pid = 0
+            self._counts.set(worker.index, 0)  # its connections died with it
             if self._signals:
                 self._failed = self._failed or code != 0
                 logs.event(logging.INFO, "worker.stopped", worker=worker.index, pid=pid, exit_code=code)
@@ -207,7 +226,9 @@ class Supervisor:
             )
 
 
-def _worker_main(settings: Settings, sockets: list[socket.socket], index: int, supervisor: int) -> int:
+def _worker_main(
+    settings: Settings, sockets: list[socket.socket], counts: ConnectionCounts, index: int, supervisor: int
+) -> int:
     """One worker: a whole relay on the supervisor's sockets; stops when told to or when orphaned."""
     from smtp_relay.server import RelayServer, run_loop
 
@@ -226,6 +247,6 @@ def _worker_main(settings: Settings, sockets: list[socket.socket], index: int, s
             loop.call_later(WATCHDOG_SECONDS, watchdog)
 
         loop.call_later(WATCHDOG_SECONDS, watchdog)
-        return await server.serve(sockets, worker=index)
+        return await server.serve(sockets, worker=index, counts=counts)
 
     return run_loop(serve)
