@@ -97,6 +97,7 @@ class RelaySMTP(SMTP):
         self._last_reply = ""
         self._registered = False
         self._idle_deadline = 0.0
+        self._tls_established = False
 
     def spawn(self) -> RelaySMTP:
         """A protocol for one new connection, made from this one (a template that never sees a connection).
@@ -144,6 +145,7 @@ class RelaySMTP(SMTP):
             self._tracker.opened(self)
             logs.event(logging.INFO, "connect", session=session.id, peer=session.peer_text)
         else:
+            self._tls_established = True
             cipher = transport.get_extra_info("cipher")
             logs.event(
                 logging.INFO,
@@ -172,6 +174,18 @@ class RelaySMTP(SMTP):
                         messages=session.messages,
                         duration=f"{time.monotonic() - session.started:.3f}",
                     )
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, and the end of a connection lost during the handshake.
+
+        asyncio's TLS layer ends its handshake wait without an error when the connection is closed in the middle
+        (our idle timeout does that to a client that never starts or finishes the handshake), and never tells
+        us the connection is gone: aiosmtpd would wait on it forever, holding a MAX_CONNECTIONS slot. A handshake
+        that completed has called `connection_made` again.
+        """
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None and not self._tls_established and self._registered:
+            self.connection_lost(None)
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours (the connection ends, and its MAX_CONNECTIONS slot is free).

@@ -138,3 +138,44 @@ def test_curl_without_ssl_cannot_authenticate(relay, upstream, tmp_path, require
     assert out.returncode != 0
     time.sleep(0.2)
     assert upstream.messages == []
+
+
+@pytest.mark.parametrize("after_starttls", [b"", b"\x16\x03\x01\x00"])  # nothing, or a ClientHello cut short
+def test_a_client_that_never_finishes_the_tls_handshake_is_cut_off_and_frees_its_slot(
+    stack, upstream, tls, after_starttls
+):
+    # After "220 Ready to start TLS" the connection belongs to the TLS layer until the handshake completes. A
+    # client that stalls there is cut off at TIMEOUT like any idle client, and its MAX_CONNECTIONS slot must come
+    # back: otherwise a few such clients shut everyone out until a restart.
+    relay = stack.relay(
+        upstream.port,
+        USE_TLS="true",
+        TLS_CERT_FILE=str(tls.cert_pem),
+        TLS_KEY_FILE=str(tls.key_pem),
+        MAX_CONNECTIONS="2",
+        TIMEOUT="1",
+    )
+    stalled = []
+    for _ in range(2):
+        c = RawClient(relay.port)
+        assert c.cmd("EHLO stall.test")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(after_starttls) if after_starttls else None
+        stalled.append(c)
+    try:
+        with RawClient(relay.port) as c:
+            assert c.greeting[0] == 421  # both slots are taken while the two stall
+        for c in stalled:
+            assert c.closed_by_peer(5), "a stalled handshake was not cut off"
+        deadline = time.monotonic() + 3
+        while True:
+            with RawClient(relay.port) as c:
+                if c.greeting[0] == 220:
+                    break
+            assert time.monotonic() < deadline, "the stalled clients still hold their slots:\n" + relay.describe()
+            time.sleep(0.1)
+        assert len([ln for ln in relay.log_lines() if "event=disconnect" in ln]) >= 2, relay.describe()
+        assert "Traceback" not in relay.all_output(), relay.describe()
+    finally:
+        for c in stalled:
+            c.close()
