@@ -148,6 +148,17 @@ class RelayHandler:
         except Exception:
             logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
             return replies.INTERNAL_ERROR
+        except asyncio.CancelledError:
+            # aiosmtpd cancels the session when the client closes its side, also while its message is on the way.
+            logs.event(
+                logging.WARNING,
+                "forward.cancelled",
+                **ids,
+                sender=envelope.mail_from,
+                recipients=len(envelope.rcpt_tos),
+                reason="client closed the connection during the delivery; it got no reply",
+            )
+            raise
         finally:
             server.resume_idle_timeout()
         fields = dict(

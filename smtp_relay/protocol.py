@@ -146,6 +146,12 @@ class RelaySMTP(SMTP):
             logs.event(logging.INFO, "connect", session=session.id, peer=session.peer_text)
         else:
             self._tls_established = True
+            # Closing a TLS session waits for the client's close_notify, by default 30 s (asyncio's SSL shutdown
+            # timeout): a client that never answers must not hold the connection longer than TIMEOUT for it.
+            tls = self._tls_protocol
+            wait = getattr(tls, "_ssl_shutdown_timeout", None)
+            if isinstance(wait, int | float) and wait > self._timeout_duration:
+                tls._ssl_shutdown_timeout = self._timeout_duration  # type: ignore[union-attr]
             cipher = transport.get_extra_info("cipher")
             logs.event(
                 logging.INFO,

@@ -179,3 +179,35 @@ def test_a_client_that_never_finishes_the_tls_handshake_is_cut_off_and_frees_its
     finally:
         for c in stalled:
             c.close()
+
+
+def test_a_tls_client_that_goes_quiet_is_cut_off_within_timeout_not_asyncios_30_seconds(stack, upstream, tls):
+    # After the idle timeout the relay closes the TLS session and waits for the client's close_notify. A client
+    # that never answers must not hold its slot for asyncio's default 30 s of that wait on top of TIMEOUT.
+    relay = stack.relay(
+        upstream.port,
+        USE_TLS="true",
+        TLS_CERT_FILE=str(tls.cert_pem),
+        TLS_KEY_FILE=str(tls.key_pem),
+        MAX_CONNECTIONS="2",
+        TIMEOUT="2",
+    )
+    quiet = []
+    for _ in range(2):
+        c = RawClient(relay.port)
+        assert c.cmd("EHLO quiet.test")[0] == 250
+        assert c.starttls(tls.client_ctx(), server_hostname="localhost")[0] == 220
+        assert c.cmd("EHLO quiet.test")[0] == 250
+        quiet.append(c)  # from here on it reads and writes nothing, and keeps the connection open
+    try:
+        started = time.monotonic()
+        while True:
+            with RawClient(relay.port) as c:
+                if c.greeting[0] == 220:
+                    break
+            assert time.monotonic() - started < 10, "quiet TLS clients still hold their slots:\n" + relay.describe()
+            time.sleep(0.2)
+        assert "Traceback" not in relay.all_output(), relay.describe()
+    finally:
+        for c in quiet:
+            c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import threading
 import time
 
@@ -318,3 +319,25 @@ def test_upstream_speaking_garbage_gives_client_4xx_never_5xx_or_250(stack, gree
     finally:
         junk.stop()
     assert "Traceback" not in relay.stderr
+
+
+def test_a_delivery_cut_short_by_the_client_closing_is_logged(relay, upstream):
+    # A client that sends its message and closes (here: shuts down its side) before the upstream's reply gets no
+    # 250; the relay says in its log what became of the attempt, instead of leaving no trace.
+    upstream.configure(data_delay=1.0)
+    c = RawClient(relay.port)
+    try:
+        assert c.cmd("EHLO closer.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        time.sleep(0.3)  # the relay is waiting on the slow upstream now
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.closed_by_peer(5)
+        assert b"250" not in c.buf
+    finally:
+        c.close()
+    line = relay.wait_for_log("event=forward.cancelled", "sender=sender@example.com")
+    assert line is not None and "level=WARNING" in line, relay.describe()
