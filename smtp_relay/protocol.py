@@ -181,6 +181,18 @@ class RelaySMTP(SMTP):
                         duration=f"{time.monotonic() - session.started:.3f}",
                     )
 
+    async def _handle_client(self) -> None:
+        """aiosmtpd's command loop; a client gone while it answered ends it without an error.
+
+        The library re-raises the ConnectionResetError of a reply to a lost connection out of the loop's task,
+        which nobody awaits: asyncio then logs it at ERROR with a traceback. The session's end is already
+        logged (`disconnect`, and `reply.lost` for the reply).
+        """
+        try:
+            await super()._handle_client()
+        except ConnectionResetError:
+            pass
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS, and the end of a connection lost during the handshake.
 
@@ -220,6 +232,9 @@ class RelaySMTP(SMTP):
             response = status
         transport = self.transport
         if transport is None:
+            # The client left while this reply was being made (say, right after its final dot, as the upstream
+            # accepted the message): say so; `_handle_client` ends the session quietly.
+            logs.event(logging.INFO, "reply.lost", **self._ids(), reply=response[:64].decode("ascii", "replace"))
             raise ConnectionResetError("Connection lost")
         _writable(transport).write(response + b"\r\n")
         # asyncio's FlowControlMixin state, which typeshed leaves out.

@@ -1,17 +1,22 @@
 """Findings of an independent review, each pinned by a test against the real relay: a client that vanishes while
 the upstream stalls leaves no upstream socket behind, logins sent at once on many connections cannot get around the
 lockout, parser crashes and source-route spellings get a permanent refusal, and an upstream's 421 or its demand for
-authentication are answered as the relay's transient fault."""
+authentication are answered as the relay's transient fault, and clients that reset right after their final dot
+end quietly."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.client import RawClient, plain_b64, send_data, transaction
 from support.faults import FaultUpstream, open_sockets, settle
+from support.net import wait_until
 from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
 MSG = b"Subject: review\r\n\r\nbody\r\n"
@@ -115,3 +120,33 @@ def test_upstream_closing_or_demanding_auth_at_mail_is_the_relays_transient_faul
     assert (stage, code) == ("DATA", 451), (stage, code, text)
     upstream.configure()
     assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250
+
+
+def test_clients_resetting_right_after_their_final_dot_end_quietly(stack):
+    # A client that resets its connection just as the upstream accepts its message: the relay cannot send the 250
+    # any more. That is logged (reply.lost, disconnect), never as an ERROR with a traceback from the session's
+    # task; every session still ends, and the relay goes on relaying.
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, MAX_CONNECTIONS="64", TIMEOUT="10")
+
+    def reset_after_dot(i: int) -> None:
+        c = RawClient(relay.port)
+        try:
+            assert c.cmd("EHLO resetter.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+            assert c.cmd(f"RCPT TO:<r{i}@example.com>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(MSG + b".\r\n")
+            time.sleep((i % 7) / 1000)  # 0-6 ms: around the moment the upstream's reply comes back
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(reset_after_dot, range(240)))
+    assert transaction(relay.port, "sender@example.com", ["after@example.com"], MSG)[1] == 250
+    assert wait_until(lambda: relay.stdout.count("event=disconnect") >= 241, 10, interval=0.1), relay.describe()
+    output = relay.all_output()
+    assert "Traceback" not in output and "never retrieved" not in output, relay.describe()
+    assert relay.stdout.count("event=connect ") == relay.stdout.count("event=disconnect")
