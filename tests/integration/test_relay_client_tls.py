@@ -140,6 +140,18 @@ def test_curl_without_ssl_cannot_authenticate(relay, upstream, tmp_path, require
     assert upstream.messages == []
 
 
+def _two_slot_tls_relay(stack, upstream, tls, timeout: str):
+    """A STARTTLS relay with two connection slots and a short TIMEOUT: stalled clients fill it at once."""
+    return stack.relay(
+        upstream.port,
+        USE_TLS="true",
+        TLS_CERT_FILE=str(tls.cert_pem),
+        TLS_KEY_FILE=str(tls.key_pem),
+        MAX_CONNECTIONS="2",
+        TIMEOUT=timeout,
+    )
+
+
 @pytest.mark.parametrize("after_starttls", [b"", b"\x16\x03\x01\x00"])  # nothing, or a ClientHello cut short
 def test_a_client_that_never_finishes_the_tls_handshake_is_cut_off_and_frees_its_slot(
     stack, upstream, tls, after_starttls
@@ -147,14 +159,7 @@ def test_a_client_that_never_finishes_the_tls_handshake_is_cut_off_and_frees_its
     # After "220 Ready to start TLS" the connection belongs to the TLS layer until the handshake completes. A
     # client that stalls there is cut off at TIMEOUT like any idle client, and its MAX_CONNECTIONS slot must come
     # back: otherwise a few such clients shut everyone out until a restart.
-    relay = stack.relay(
-        upstream.port,
-        USE_TLS="true",
-        TLS_CERT_FILE=str(tls.cert_pem),
-        TLS_KEY_FILE=str(tls.key_pem),
-        MAX_CONNECTIONS="2",
-        TIMEOUT="1",
-    )
+    relay = _two_slot_tls_relay(stack, upstream, tls, timeout="1")
     stalled = []
     for _ in range(2):
         c = RawClient(relay.port)
@@ -184,14 +189,7 @@ def test_a_client_that_never_finishes_the_tls_handshake_is_cut_off_and_frees_its
 def test_a_tls_client_that_goes_quiet_is_cut_off_within_timeout_not_asyncios_30_seconds(stack, upstream, tls):
     # After the idle timeout the relay closes the TLS session and waits for the client's close_notify. A client
     # that never answers must not hold its slot for asyncio's default 30 s of that wait on top of TIMEOUT.
-    relay = stack.relay(
-        upstream.port,
-        USE_TLS="true",
-        TLS_CERT_FILE=str(tls.cert_pem),
-        TLS_KEY_FILE=str(tls.key_pem),
-        MAX_CONNECTIONS="2",
-        TIMEOUT="2",
-    )
+    relay = _two_slot_tls_relay(stack, upstream, tls, timeout="2")
     quiet = []
     for _ in range(2):
         c = RawClient(relay.port)
