@@ -10,6 +10,8 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from smtp_relay.replies import TOO_MANY_CONNECTIONS
+
 if TYPE_CHECKING:
     from smtp_relay.config import Settings
 
@@ -25,6 +27,10 @@ _MAX_REASON = 200
 
 class _Unhealthy(Exception):
     """A failed step; its message is the one-line reason."""
+
+
+class _Busy(Exception):
+    """The relay answered that all MAX_CONNECTIONS are in use: it works, and is serving that many clients."""
 
 
 class _Client(smtplib.SMTP):
@@ -65,7 +71,8 @@ def check(settings: Settings) -> str | None:
 
     The probe does what a client does before it would log in, and no more: it connects to LISTEN_PORT,
     expects the 220 greeting, sends EHLO and expects 250; when USE_TLS is on it also expects STARTTLS to be
-    offered, completes the TLS handshake and sends EHLO again. Then it always sends QUIT and closes the socket,
+    offered, completes the TLS handshake and sends EHLO again. A relay that greets with its own "all
+    MAX_CONNECTIONS in use" reply is healthy, only full. Then it always sends QUIT and closes the socket,
     also after a failed step, so it never leaves a half-open session behind to hold one of MAX_CONNECTIONS.
     It never sends AUTH, MAIL or RCPT: it can never count as a failed login, trip the AUTH lockout, or relay
     anything. Everything is bounded by TOTAL_TIMEOUT seconds in all.
@@ -76,6 +83,8 @@ def check(settings: Settings) -> str | None:
     client = _Client(host)
     try:
         _session(client, host, settings.listen_port, settings.use_tls, deadline)
+    except _Busy:
+        return None  # healthy: a restart would only cut off the sessions it is serving (its log says it is full)
     except _Unhealthy as exc:
         return f"{where}: {exc}"
     except TimeoutError:
@@ -100,6 +109,8 @@ def check(settings: Settings) -> str | None:
 
 def _session(client: smtplib.SMTP, host: str, port: int, use_tls: bool, deadline: float) -> None:
     code, text = client.connect(host, port)
+    if b"%d %s" % (code, text) == TOO_MANY_CONNECTIONS.encode("ascii"):
+        raise _Busy
     _expect("greeting", 220, code, text)
     _ehlo(client, deadline)
     if use_tls:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
-from support.client import authed, quit_quietly
+from support.client import RawClient, authed, quit_quietly
 from support.net import free_port
 from support.relay import relay_env, run_cli
 from support.sink import down_port
@@ -36,6 +36,20 @@ def test_healthcheck_of_a_running_relay_exits_0_quickly_and_silently(stack):
     code, err, elapsed = _healthcheck(relay.env)
     assert (code, err) == (0, ""), err
     assert elapsed < FAST, f"healthcheck took {elapsed:.2f}s"
+
+
+def test_healthcheck_of_a_relay_with_every_connection_in_use_is_healthy(stack):
+    # A full relay is working: reporting it unhealthy would have an orchestrator restart it and cut off every
+    # session it is serving. Its own log says it is full (connect.refused).
+    relay = stack.relay(stack.sink().port, MAX_CONNECTIONS="1")
+    with RawClient(relay.port) as held:
+        assert held.greeting[0] == 220
+        with RawClient(relay.port) as other:
+            assert other.greeting[0] == 421  # full
+        code, err, elapsed = _healthcheck(relay.env)
+        assert (code, err) == (0, ""), err
+        assert elapsed < FAST
+    assert relay.wait_for_log("event=connect.refused", 'reason="MAX_CONNECTIONS reached"')
 
 
 def test_healthcheck_when_the_relay_is_down_exits_1_with_one_line_why(tmp_path):
@@ -195,6 +209,15 @@ def test_probe_reports_a_refusing_greeting_and_still_says_quit(scripted):
     assert reason is not None and "421" in reason and "\n" not in reason, reason
     assert server.closed_by_client.wait(5)
     assert server.lines[-1:] == ["QUIT"]
+
+
+def test_probe_takes_only_the_relays_own_full_reply_for_busy(scripted):
+    from smtp_relay.replies import SHUTTING_DOWN, TOO_MANY_CONNECTIONS
+
+    assert check(_settings(scripted(greeting=TOO_MANY_CONNECTIONS.encode()).port)) is None
+    for other in (SHUTTING_DOWN, "421 4.7.0 Too many connections from your address", "554 5.7.1 Go away"):
+        reason = check(_settings(scripted(greeting=other.encode()).port))
+        assert reason is not None and other[:3] in reason, (other, reason)
 
 
 def test_probe_of_a_silent_listener_gives_up_within_its_time_bound(scripted):
