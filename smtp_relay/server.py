@@ -112,13 +112,16 @@ class RelayServer:
     def opened(self, protocol: RelaySMTP) -> None:
         self.connections.add(protocol)
         self._all_closed.clear()
-        if self._counts is not None and self._worker is not None:
-            self._counts.set(self._worker, len(self.connections))
+        self._share_count()
 
     def closed(self, protocol: RelaySMTP) -> None:
         self.connections.discard(protocol)
         if not self.connections:
             self._all_closed.set()
+        self._share_count()
+
+    def _share_count(self) -> None:
+        """A worker tells the others how many connections it holds (see `workers.ConnectionCounts`)."""
         if self._counts is not None and self._worker is not None:
             self._counts.set(self._worker, len(self.connections))
 

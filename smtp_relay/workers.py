@@ -155,7 +155,6 @@ class Supervisor:
                 pass
 
     def _start(self, worker: _Worker) -> None:
-        self._counts.set(worker.index, 0)  # a worker that died held connections no more
         logs.flush_all()  # or the child would write the supervisor's pending lines again
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
