@@ -9,7 +9,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from smtp_relay import __version__, logs
 from smtp_relay.auth import Authenticator
@@ -17,10 +17,8 @@ from smtp_relay.config import ConfigError, Settings
 from smtp_relay.handler import RelayHandler
 from smtp_relay.lockout import LoginThrottle
 from smtp_relay.protocol import RefuseProtocol, RelaySMTP
+from smtp_relay.shared import ConnectionCounts, FailureTable
 from smtp_relay.upstream import Upstream, UpstreamSettings
-
-if TYPE_CHECKING:
-    from smtp_relay.workers import ConnectionCounts
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -74,7 +72,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
 class RelayServer:
     """startup -> serve until a signal -> shutdown in stages (stop accepting, drain, force)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, logins: FailureTable | None = None) -> None:
+        """`logins`: the failed-login table shared by all workers (see `workers`); a single relay makes its own."""
         self.settings = settings
         self.hostname = socket.gethostname() or "smtp-relay"
         self.connections: set[RelaySMTP] = set()
@@ -95,7 +94,7 @@ class RelayServer:
                 pool_max_messages=settings.relay_pool_max_messages,
             )
         )
-        throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds)
+        throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds, logins or FailureTable())
         self._handler = RelayHandler(settings.policy, self._upstream, self.hostname, throttle)
         password = settings.smtp_auth_password.get_secret_value()
         self._authenticator = Authenticator(settings.smtp_auth_username, password, throttle)
@@ -121,13 +120,16 @@ class RelayServer:
         self._share_count()
 
     def _share_count(self) -> None:
-        """A worker tells the others how many connections it holds (see `workers.ConnectionCounts`)."""
+        """A worker tells the others how many connections it holds (see `shared.ConnectionCounts`)."""
         if self._counts is not None and self._worker is not None:
             self._counts.set(self._worker, len(self.connections))
 
     def _protocol_factory(self) -> asyncio.Protocol:
-        open_now = self._counts.total() if self._counts is not None else len(self.connections)
-        if open_now >= self.settings.max_connections:
+        limit = self.settings.max_connections
+        if self._counts is not None and self._worker is not None:
+            if not self._counts.take(self._worker, len(self.connections), limit):
+                return RefuseProtocol()
+        elif len(self.connections) >= limit:
             return RefuseProtocol()
         if self._template is None:
             self._template = self.protocol_template()

@@ -1,24 +1,21 @@
 """Several relay processes on one listening socket (WORKERS > 1): a supervisor starts, watches and stops them.
 
 One Python process relays on one core. With WORKERS=N the supervisor binds the listening socket once, forks N
-workers that each run a whole relay (event loop, upstream pool, login throttle) on that shared socket, and
+workers that each run a whole relay (event loop, upstream pool) on that shared socket, and
 restarts a worker that dies. The kernel hands each new connection to whichever worker accepts it first, so a
 busy worker takes fewer. The supervisor itself relays nothing: on SIGTERM or SIGINT it passes SIGTERM to every
 worker (each finishes its transactions, as a single relay does), a second signal forces them, and it exits
 once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
 
-MAX_CONNECTIONS holds for the whole relay: the workers count their open connections in memory shared with the
-supervisor (`ConnectionCounts`), so a worker takes a connection while the total is under the limit, whichever
-worker holds the others. Each worker locks an address out after AUTH_MAX_FAILURES / N failures that it saw
-itself, rounded up, so that a mistyped password locks nobody out where one process would not; an attacker gets at
-most AUTH_MAX_FAILURES + N - 1 tries before every worker refuses the address.
+MAX_CONNECTIONS and AUTH_MAX_FAILURES hold for the whole relay, as for one process: the workers count open
+connections and failed logins in memory shared with the supervisor (`shared`), whichever worker the kernel
+hands a connection to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -28,6 +25,7 @@ from dataclasses import dataclass
 
 from smtp_relay import logs
 from smtp_relay.config import ConfigError, Settings
+from smtp_relay.shared import ConnectionCounts, FailureTable
 
 # How often the supervisor looks for exited workers, and a worker for its supervisor.
 POLL_SECONDS = 0.2
@@ -47,31 +45,6 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 FORCE = signal.SIGUSR1
 
 
-def worker_share(settings: Settings) -> Settings:
-    """The settings of one worker: the login-failure limit divided among the workers (see the module docstring)."""
-    return settings.model_copy(update={"auth_max_failures": -(-settings.auth_max_failures // settings.workers)})
-
-
-class ConnectionCounts:
-    """Each worker's open client connections, in memory the supervisor shares with the workers it forks.
-
-    A worker writes only its own slot and reads them all when a connection arrives. Workers that take a connection
-    at the same instant may each take the last place, so the total can pass MAX_CONNECTIONS by at most
-    WORKERS - 1. The supervisor clears the slot of a worker that exited (a killed one cannot).
-    """
-
-    def __init__(self, workers: int) -> None:
-        self._memory = mmap.mmap(-1, 8 * workers)  # anonymous and shared: the same pages after fork()
-        self._slots = memoryview(self._memory).cast("q")
-
-    def set(self, worker: int, count: int) -> None:
-        """`worker` (1 to WORKERS) has `count` connections open."""
-        self._slots[worker - 1] = count
-
-    def total(self) -> int:
-        return sum(self._slots)
-
-
 @dataclass
 class _Worker:
     index: int
@@ -88,10 +61,10 @@ class Supervisor:
         from smtp_relay.server import RelayServer
 
         self.settings = settings
-        self._worker_settings = worker_share(settings)
-        RelayServer(self._worker_settings)  # any configuration error (TLS files) shows here, once
         self._sockets: list[socket.socket] = []
         self._counts = ConnectionCounts(settings.workers)
+        self._logins = FailureTable()
+        RelayServer(settings, self._logins)  # any configuration error (TLS files) shows here, once
         self._workers = [_Worker(i) for i in range(1, settings.workers + 1)]
         self._signals = 0
         self._pending_signals: list[int] = []
@@ -169,7 +142,7 @@ class Supervisor:
         else:  # the worker: never returns into the supervisor's code
             code = 70
             try:
-                code = _worker_main(self._worker_settings, self._sockets, self._counts, worker.index, os.getppid())
+                code = _worker_main(self.settings, self._sockets, (self._counts, self._logins), worker.index)
             except ConfigError as exc:
                 print(f"smtp-relay: configuration error: {exc}", file=sys.stderr)
                 code = 2
@@ -226,14 +199,16 @@ class Supervisor:
 
 
 def _worker_main(
-    settings: Settings, sockets: list[socket.socket], counts: ConnectionCounts, index: int, supervisor: int
+    settings: Settings, sockets: list[socket.socket], shared: tuple[ConnectionCounts, FailureTable], index: int
 ) -> int:
     """One worker: a whole relay on the supervisor's sockets; stops when told to or when orphaned."""
     from smtp_relay.server import RelayServer, run_loop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes Ctrl-C on as SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    server = RelayServer(settings)
+    supervisor = os.getppid()
+    counts, logins = shared
+    server = RelayServer(settings, logins)
 
     async def serve() -> int:
         loop = asyncio.get_running_loop()

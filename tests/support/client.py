@@ -50,8 +50,10 @@ def plain_b64(user: str, password: str) -> str:
 class RawClient:
     """A byte-exact SMTP client over one socket: send lines, read (multi-line) replies, bounded in time."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 15.0, source: str = "") -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.sock.settimeout(timeout)
         self.timeout = timeout
         self.buf = b""

@@ -166,49 +166,6 @@ def test_pool_settings_default_and_zero_disables_reuse(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({}, (1, 50, 5)),
-        ({"WORKERS": "2"}, (2, 50, 3)),
-        ({"WORKERS": "4", "MAX_CONNECTIONS": "3", "AUTH_MAX_FAILURES": "1"}, (4, 3, 1)),
-        ({"WORKERS": "3", "MAX_CONNECTIONS": "100", "AUTH_MAX_FAILURES": "10"}, (3, 100, 4)),
-    ],
-)
-def test_workers_share_out_the_login_failure_limit_and_keep_the_connection_limit_whole(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: tuple[int, int, int]
-) -> None:
-    from smtp_relay.workers import worker_share
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    settings = load_settings()
-    share = worker_share(settings)
-    assert (settings.workers, share.max_connections, share.auth_max_failures) == expected
-    # MAX_CONNECTIONS is kept for all workers together (shared counts: test_workers.py); a mistyped password never
-    # locks anyone out where one process would not, and an attacker gets at most AUTH_MAX_FAILURES + N - 1 tries.
-    assert share.auth_max_failures * settings.workers >= settings.auth_max_failures
-    assert share.auth_max_failures * settings.workers <= settings.auth_max_failures + settings.workers - 1
-    assert not [w for w in settings.warnings() if "MAX_CONNECTIONS" in w]
-
-
-def test_connection_counts_are_seen_by_every_process_that_shares_them() -> None:
-    import os
-
-    from smtp_relay.workers import ConnectionCounts
-
-    counts = ConnectionCounts(3)
-    counts.set(1, 4)
-    pid = os.fork()
-    if pid == 0:  # a worker writes its own slot
-        counts.set(3, 7)
-        os._exit(0)
-    assert os.waitpid(pid, 0)[1] == 0
-    assert counts.total() == 11
-    counts.set(3, 0)
-    assert counts.total() == 4
-
-
-@pytest.mark.parametrize(
     ("cpus", "quota_files", "expected"),
     [
         (8, [], 8),  # no cgroup limit: every CPU the process may run on

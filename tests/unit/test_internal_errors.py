@@ -11,13 +11,14 @@ from smtp_relay import replies
 from smtp_relay.handler import RelayHandler
 from smtp_relay.lockout import LoginThrottle
 from smtp_relay.policy import DomainAllowlist, RelayPolicy
+from smtp_relay.shared import FailureTable
 from smtp_relay.upstream import Upstream, UpstreamSettings
 
 
 def _handler() -> RelayHandler:
     allow = DomainAllowlist.parse(["example.com"])
     upstream = Upstream(UpstreamSettings("127.0.0.1", 9, "none", True, None, "", "", 1.0, "test"))
-    return RelayHandler(RelayPolicy(allow, allow), upstream, "test", LoginThrottle(5, 60))
+    return RelayHandler(RelayPolicy(allow, allow), upstream, "test", LoginThrottle(5, 60, FailureTable(8)))
 
 
 def test_unexpected_exception_is_answered_451_and_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
