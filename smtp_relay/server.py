@@ -181,8 +181,10 @@ class RelayServer:
         for sig in (signal.SIGTERM, signal.SIGUSR1) if worker is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if worker is not None:
+            from smtp_relay.workers import SIGNALS
+
             # The supervisor forks with these blocked, so that one sent before now is not lost: it arrives here.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         logs.event(
             logging.INFO,
             "listening",

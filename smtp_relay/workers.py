@@ -5,7 +5,8 @@ workers that each run a whole relay (event loop, upstream pool) on that shared s
 restarts a worker that dies. The kernel hands each new connection to whichever worker accepts it first, so a
 busy worker takes fewer. The supervisor itself relays nothing: on SIGTERM or SIGINT it passes SIGTERM to every
 worker (each finishes its transactions, as a single relay does), a second signal forces them, and it exits
-once all are gone. A worker whose supervisor disappears (SIGKILL) shuts down by itself.
+once all are gone. A worker whose supervisor disappears (SIGKILL) is told so by the kernel at once and shuts
+down as on SIGTERM: it stops listening (so a relay started anew can take the port) and finishes its transactions.
 
 MAX_CONNECTIONS and AUTH_MAX_FAILURES hold for the whole relay, as for one process: the workers count open
 connections and failed logins in memory shared with the supervisor (`shared`), whichever worker the kernel
@@ -15,6 +16,7 @@ hands a connection to.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -36,9 +38,11 @@ WATCHDOG_SECONDS = 1.0
 MIN_UPTIME = 5.0
 RESTART_DELAY = 1.0
 MAX_QUICK_DEATHS = 5
-# Signals the supervisor handles; blocked around fork() so that a worker never loses one before its event loop
-# handles SIGTERM (the worker unblocks them then: `RelayServer.startup`).
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+# The signal the kernel sends a worker when its supervisor dies (prctl PR_SET_PDEATHSIG).
+ORPHANED = signal.SIGUSR2
+# Signals blocked around fork() so that a worker never loses one before its event loop handles it (the worker
+# unblocks them then: `RelayServer.startup`).
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, ORPHANED}
 # A worker drains on SIGTERM however often it comes (a service manager may signal the whole process group, so a
 # worker gets the supervisor's SIGTERM and its own); SIGUSR1 from the supervisor forces it; SIGKILL follows when a
 # third signal finds a worker still there (one that cannot run its event loop).
@@ -210,17 +214,35 @@ def _worker_main(
     counts, logins = shared
     server = RelayServer(settings, logins)
 
+    _signal_when_orphaned(supervisor)
+
     async def serve() -> int:
         loop = asyncio.get_running_loop()
 
-        def watchdog() -> None:
+        def orphaned() -> None:
+            loop.remove_signal_handler(ORPHANED)
+            logs.event(logging.WARNING, "worker.orphaned", worker=index, reason="supervisor gone")
+            server.stop()
+
+        def watchdog() -> None:  # in case the kernel's signal could not be asked for
             if os.getppid() != supervisor:
-                logs.event(logging.WARNING, "worker.orphaned", worker=index, reason="supervisor gone")
-                server.stop()
+                orphaned()
                 return
             loop.call_later(WATCHDOG_SECONDS, watchdog)
 
+        loop.add_signal_handler(ORPHANED, orphaned)
         loop.call_later(WATCHDOG_SECONDS, watchdog)
         return await server.serve(sockets, worker=index, counts=counts)
 
     return run_loop(serve)
+
+
+def _signal_when_orphaned(supervisor: int) -> None:
+    """Ask the kernel for ORPHANED when the supervisor dies (it is blocked until the event loop handles it)."""
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(ORPHANED), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: the watchdog notices within a second
+        return
+    if os.getppid() != supervisor:  # it died before the request: no signal will come
+        os.kill(os.getpid(), ORPHANED)

@@ -131,10 +131,23 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(stack):
     relay = stack.relay(sink.port, WORKERS="2")
     assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
     workers = _children(relay.proc.pid)
-    relay.kill()
-    assert _wait(lambda: not any(os.path.exists(f"/proc/{pid}/stat") and _alive(pid) for pid in workers), 10)
+    with RawClient(relay.port) as busy:  # a transaction in progress when the supervisor dies
+        assert busy.cmd("EHLO client.test")[0] == 250
+        assert busy.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, CLIENT_PASSWORD))[0] == 235
+        assert busy.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert busy.cmd("RCPT TO:<old@example.com>")[0] == 250
+        relay.kill()
+        # The workers stop listening at once, so that the relay can be started again on its port right away,
+        # and finish the transactions they hold.
+        assert _wait(lambda: not _listening(relay.port), 0.5)
+        again = stack.relay(sink.port, listen_port=relay.port)
+        assert transaction(again.port, "sender@example.com", ["new@example.com"], MSG)[1] == 250
+        assert busy.cmd("DATA")[0] == 354
+        busy.send(MSG + b".\r\n")
+        assert busy.reply()[0] == 250
+    assert _wait(lambda: not any(_alive(pid) for pid in workers), 10)
     assert relay.wait_for_log("event=worker.orphaned")
-    assert not _listening(relay.port)
+    assert again.returncode is None
 
 
 def _alive(pid: int) -> bool:
