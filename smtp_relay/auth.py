@@ -8,8 +8,8 @@ from typing import Any
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from smtp_relay import logs
-from smtp_relay.lockout import LoginThrottle
+from smtp_relay import logs, replies
+from smtp_relay.lockout import LoginThrottle, Outcome
 
 
 class Authenticator:
@@ -24,35 +24,31 @@ class Authenticator:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         address = peer_address(session)
-        if self.throttle.locked_for(address) > 0:
-            # Checked here too, not only before AUTH: logins sent at once on many connections must not get
-            # around the lockout, and a right password must not lift it early.
-            logs.event(
-                logging.WARNING,
-                "auth",
-                outcome="locked",
-                mechanism=mechanism,
-                session=getattr(session, "id", None),
-                peer=logs.peer_text(getattr(session, "peer", None)),
-            )
-            return AuthResult(success=False, handled=False)
         login: bytes = auth_data.login
-        # Compare both, always: which of the two was wrong must not show in the timing.
-        user_ok = hmac.compare_digest(login, self._username)
-        password_ok = hmac.compare_digest(auth_data.password, self._password)
-        user = login.decode("utf-8", errors="replace")
+        password: bytes = auth_data.password
+
+        def credentials_ok() -> bool:
+            # Compare both, always: which of the two was wrong must not show in the timing.
+            user_ok = hmac.compare_digest(login, self._username)
+            password_ok = hmac.compare_digest(password, self._password)
+            return user_ok and password_ok
+
+        # One step: logins sent at once on many connections (and workers) must not get around the lockout,
+        # and a right password must not lift it early.
+        outcome = self.throttle.attempt(address, credentials_ok)
         fields = {
             "session": getattr(session, "id", None),
             "peer": logs.peer_text(getattr(session, "peer", None)),
-            "user": user,
         }
-        if user_ok and password_ok:
-            self.throttle.success(address)
+        if outcome is Outcome.LOCKED:  # locked by another connection since this one sent AUTH: as before AUTH
+            logs.event(logging.WARNING, "auth", outcome="locked", mechanism=mechanism, **fields)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED_OUT)
+        user = fields["user"] = login.decode("utf-8", errors="replace")
+        if outcome is Outcome.SUCCESS:
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
             return AuthResult(success=True, auth_data=user)
-        locked = self.throttle.failure(address)
         logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields)
-        if locked:
+        if outcome is Outcome.LOCKOUT:
             logs.event(
                 logging.WARNING,
                 "auth.lockout",

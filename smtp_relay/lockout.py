@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -16,6 +17,13 @@ class Record(NamedTuple):
     failures: int
     last_failure: float
     locked_until: float
+
+
+class Outcome(enum.Enum):
+    LOCKED = "locked"  # refused unchecked: the address was locked out
+    SUCCESS = "success"
+    FAILURE = "failure"
+    LOCKOUT = "lockout"  # a failure that locked the address out
 
 
 class FailureStore(Protocol):
@@ -33,7 +41,8 @@ class FailureStore(Protocol):
 class LoginThrottle:
     """Counts failures per address within the lockout window; pure rules over an injected store and clock.
 
-    Changes are made under the store's lock, so failures seen by different workers at the same moment all count.
+    Every read and change is made under the store's lock, and a login is checked and counted in one step
+    (`attempt`), so that logins handled by other workers at the same moment cannot slip between the two.
     """
 
     def __init__(
@@ -56,29 +65,41 @@ class LoginThrottle:
 
     def locked_for(self, address: str) -> float:
         """Seconds this address stays locked out; 0 when it may try to log in."""
-        now = self._clock()
-        record = self._current(address, now)
+        with self._store.lock():
+            now = self._clock()
+            record = self._current(address, now)
         return 0.0 if record is None else max(0.0, record.locked_until - now)
 
     def delay(self, address: str) -> float:
         """How long to wait before answering this address's next AUTH: grows with its failures."""
-        record = self._current(address, self._clock())
+        with self._store.lock():
+            record = self._current(address, self._clock())
         return 0.0 if record is None else min(MAX_DELAY, DELAY_STEP * record.failures)
+
+    def attempt(self, address: str, credentials_ok: Callable[[], bool]) -> Outcome:
+        """A login from `address`: refused unchecked while it is locked out, else checked and counted."""
+        with self._store.lock():
+            now = self._clock()
+            record = self._current(address, now)
+            if record is not None and record.locked_until > now:
+                return Outcome.LOCKED
+            if credentials_ok():
+                if record is not None:
+                    self._store.delete(address)
+                return Outcome.SUCCESS
+            return Outcome.LOCKOUT if self._count_failure(address, record, now) else Outcome.FAILURE
 
     def failure(self, address: str) -> bool:
         """Record a failed login; True when this failure locks the address out."""
         with self._store.lock():
             now = self._clock()
-            record = self._current(address, now) or Record(0, now, 0.0)
-            failures = record.failures + 1
-            locks = failures >= self.max_failures and record.locked_until <= now
-            if locks:
-                self._store.put(address, Record(0, now, now + self.lockout_seconds))
-            else:
-                self._store.put(address, Record(failures, now, record.locked_until))
-            return locks
+            return self._count_failure(address, self._current(address, now), now)
 
-    def success(self, address: str) -> None:
-        if self._store.get(address) is not None:  # the usual case, a clean address, takes no lock
-            with self._store.lock():
-                self._store.delete(address)
+    def _count_failure(self, address: str, record: Record | None, now: float) -> bool:
+        record = record or Record(0, now, 0.0)
+        failures = record.failures + 1
+        if failures >= self.max_failures and record.locked_until <= now:
+            self._store.put(address, Record(0, now, now + self.lockout_seconds))
+            return True
+        self._store.put(address, Record(failures, now, record.locked_until))
+        return False

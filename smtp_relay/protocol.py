@@ -217,7 +217,7 @@ class RelaySMTP(SMTP):
         return False
 
     async def push(self, status: AnyStr) -> None:
-        """Add RFC 3463 codes to aiosmtpd's own replies, and close after a reply once draining.
+        """Add RFC 3463 codes to aiosmtpd's own replies, and close after a 421 or, once draining, any reply.
 
         The library's `push` then logs at DEBUG and awaits `drain()` (two more coroutines) after every reply,
         four times per message; here `drain()` is awaited only when it has something to do: the transport's
@@ -237,6 +237,9 @@ class RelaySMTP(SMTP):
             logs.event(logging.INFO, "reply.lost", **self._ids(), reply=response[:64].decode("ascii", "replace"))
             raise ConnectionResetError("Connection lost")
         _writable(transport).write(response + b"\r\n")
+        if response.startswith(b"421"):  # RFC 5321 3.8: a 421 closes the connection (the reply is sent first)
+            transport.close()
+            return
         # asyncio's FlowControlMixin state, which typeshed leaves out.
         if self._paused or self._connection_lost or transport.is_closing():  # type: ignore[attr-defined]
             await self._writer.drain()

@@ -170,6 +170,10 @@ class RelayServer:
         """Begin a graceful shutdown, as the first SIGTERM does."""
         self._should_exit.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._should_exit.is_set()
+
     async def startup(self, sockets: Sequence[socket.socket] = (), worker: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings

@@ -1,9 +1,10 @@
 """Memory the relay's processes share (WORKERS > 1): open connections and failed logins, under one lock each.
 
 Both tables live in an unnamed memory file (memfd) that a process maps before it forks its workers, so every
-worker sees the same pages. Writers take a POSIX record lock on that file (`fcntl.lockf`): the kernel drops it
-when its holder dies, so a killed worker cannot leave the others waiting. A single relay process uses the same
-tables; the lock then costs a system call on the rare paths that take it (a failed login, a new connection).
+worker sees the same pages. Readers and writers take a POSIX record lock on that file (`fcntl.lockf`): the
+kernel drops it when its holder dies, so a killed worker cannot leave the others waiting. A single relay process
+uses the same tables; the lock then costs two system calls where it is taken (a login, and a new connection with
+workers).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,7 +28,13 @@ class _SharedFile:
     """An unnamed memory file mapped shared (inherited by fork), and a lock over it between processes."""
 
     def __init__(self, name: str, size: int) -> None:
-        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        if hasattr(os, "memfd_create"):
+            self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux: an unnamed file in the temporary directory serves as well
+            fd, path = tempfile.mkstemp(prefix=name)
+            os.unlink(path)
+            self._fd = fd
+        weakref.finalize(self, os.close, self._fd)
         os.ftruncate(self._fd, size)
         self.view = memoryview(mmap.mmap(self._fd, size))  # zero-filled; pages are allocated when first written
 
@@ -60,7 +69,8 @@ class ConnectionCounts:
         with self._file.lock():
             if sum(self._slots) >= limit:
                 return False
-            self._slots[worker - 1] = held + 1
+            # Connections taken but not yet opened (several accepted in one event-loop turn) count too.
+            self._slots[worker - 1] = max(self._slots[worker - 1], held) + 1
             return True
 
 
@@ -70,8 +80,8 @@ class FailureTable:
     An address is found by its `hash()`, which is the same in every worker (they are forked from one process,
     which fixes Python's hash seed), in a bucket of WAYS slots. A new address takes its bucket's empty slot or
     the one with the oldest last failure, where a lockout counts as a failure at its end: an address that is
-    locked out outlasts a flood of addresses that are not. Reads take no lock: a read that races a write to the
-    same slot may see a record half updated, which costs at most one login's worth of counting.
+    locked out outlasts a flood of addresses that are not. Every read and write is made under `lock()`
+    (`lockout.LoginThrottle` takes it), so no process sees a record half written.
     """
 
     def __init__(self, slots: int = LOGIN_SLOTS) -> None:
@@ -98,12 +108,9 @@ class FailureTable:
         return -1
 
     def get(self, address: str) -> Record | None:
-        key = self._key(address)
-        slot = self._find(key)
-        if slot < 0:
-            return None
-        record = Record(self._failures[slot], self._last[slot], self._until[slot])
-        return record if self._keys[slot] == key else None  # taken by another address meanwhile
+        """The record of `address`, if any (the caller holds `lock()`)."""
+        slot = self._find(self._key(address))
+        return None if slot < 0 else Record(self._failures[slot], self._last[slot], self._until[slot])
 
     def put(self, address: str, record: Record) -> None:
         """Store `record` (the caller holds `lock()`)."""
@@ -112,7 +119,6 @@ class FailureTable:
         if slot < 0:
             start = key % self._buckets * WAYS
             slot = min(range(start, start + WAYS), key=self._ends)
-            self._keys[slot] = 0  # readers of the address that had it find nothing while it changes hands
         self._failures[slot], self._last[slot], self._until[slot] = record
         self._keys[slot] = key
 

@@ -133,6 +133,7 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         logs.flush_all()  # or the child would write the supervisor's pending lines again
+        me = os.getpid()
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
@@ -146,7 +147,7 @@ class Supervisor:
         else:  # the worker: never returns into the supervisor's code
             code = 70
             try:
-                code = _worker_main(self.settings, self._sockets, (self._counts, self._logins), worker.index)
+                code = _worker_main(self.settings, self._sockets, (self._counts, self._logins), worker.index, me)
             except ConfigError as exc:
                 print(f"smtp-relay: configuration error: {exc}", file=sys.stderr)
                 code = 2
@@ -203,14 +204,17 @@ class Supervisor:
 
 
 def _worker_main(
-    settings: Settings, sockets: list[socket.socket], shared: tuple[ConnectionCounts, FailureTable], index: int
+    settings: Settings,
+    sockets: list[socket.socket],
+    shared: tuple[ConnectionCounts, FailureTable],
+    index: int,
+    supervisor: int,
 ) -> int:
     """One worker: a whole relay on the supervisor's sockets; stops when told to or when orphaned."""
     from smtp_relay.server import RelayServer, run_loop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes Ctrl-C on as SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    supervisor = os.getppid()
     counts, logins = shared
     server = RelayServer(settings, logins)
 
@@ -220,15 +224,16 @@ def _worker_main(
         loop = asyncio.get_running_loop()
 
         def orphaned() -> None:
-            loop.remove_signal_handler(ORPHANED)
+            """The kernel's ORPHANED, or the watchdog: stop once, if the supervisor is really gone."""
+            if os.getppid() == supervisor or server.stopping:
+                return  # a stray signal, or already stopping
             logs.event(logging.WARNING, "worker.orphaned", worker=index, reason="supervisor gone")
             server.stop()
 
         def watchdog() -> None:  # in case the kernel's signal could not be asked for
-            if os.getppid() != supervisor:
-                orphaned()
-                return
-            loop.call_later(WATCHDOG_SECONDS, watchdog)
+            orphaned()
+            if not server.stopping:
+                loop.call_later(WATCHDOG_SECONDS, watchdog)
 
         loop.add_signal_handler(ORPHANED, orphaned)
         loop.call_later(WATCHDOG_SECONDS, watchdog)
@@ -241,7 +246,8 @@ def _signal_when_orphaned(supervisor: int) -> None:
     """Ask the kernel for ORPHANED when the supervisor dies (it is blocked until the event loop handles it)."""
     pr_set_pdeathsig = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(ORPHANED), 0, 0, 0)
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(ORPHANED), 0, 0, 0) != 0:
+            return  # pragma: no cover - refused: the watchdog notices within a second
     except (OSError, AttributeError):  # pragma: no cover - not Linux: the watchdog notices within a second
         return
     if os.getppid() != supervisor:  # it died before the request: no signal will come

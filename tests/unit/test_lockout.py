@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smtp_relay.lockout import MAX_DELAY, LoginThrottle
+from smtp_relay.lockout import MAX_DELAY, LoginThrottle, Outcome
 from smtp_relay.shared import FailureTable
 
 
@@ -37,11 +37,16 @@ def test_other_addresses_are_not_affected() -> None:
     assert throttle.delay("5.6.7.8") == 0
 
 
-def test_success_clears_the_count() -> None:
+def test_a_login_is_checked_and_counted_in_one_step() -> None:
     throttle = LoginThrottle(max_failures=2, lockout_seconds=60, store=FailureTable(), clock=Clock())
-    throttle.failure("1.2.3.4")
-    throttle.success("1.2.3.4")
-    assert throttle.failure("1.2.3.4") is False
+    assert throttle.attempt("1.2.3.4", lambda: False) is Outcome.FAILURE
+    assert throttle.attempt("1.2.3.4", lambda: True) is Outcome.SUCCESS  # clears the count
+    assert throttle.attempt("1.2.3.4", lambda: False) is Outcome.FAILURE
+    assert throttle.attempt("1.2.3.4", lambda: False) is Outcome.LOCKOUT
+    checked = []
+    # Locked out: the credentials are not even checked, and the right ones do not lift the lockout.
+    assert throttle.attempt("1.2.3.4", lambda: checked.append(1) or True) is Outcome.LOCKED
+    assert checked == [] and throttle.locked_for("1.2.3.4") == 60
 
 
 def test_old_failures_are_forgotten_after_the_window() -> None:
