@@ -387,3 +387,18 @@ def test_a_worker_that_keeps_dying_at_start_stops_the_relay_with_exit_1(stack):
     line = relay.wait_for_log("event=worker.failing")
     assert line is not None and "level=ERROR" in line and "5 times in a row" in line
     assert not _listening(relay.port)
+
+
+def test_a_stray_orphan_signal_does_not_stop_a_worker_whose_supervisor_lives(stack):
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2")
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    workers = _children(relay.proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR2)  # what the kernel sends a worker when its supervisor dies
+    time.sleep(1.5)  # past the watchdog's look at its supervisor
+    assert _children(relay.proc.pid) == workers
+    assert all(_alive(pid) for pid in workers)
+    assert not relay.wait_for_log("event=worker.orphaned", timeout=0.1)
+    for i in range(6):
+        assert transaction(relay.port, "sender@example.com", [f"r{i}@example.com"], MSG)[1] == 250

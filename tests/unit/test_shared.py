@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from smtp_relay.lockout import LoginThrottle, Record
+from smtp_relay.lockout import LoginThrottle, Outcome, Record
 from smtp_relay.shared import ConnectionCounts, FailureTable
 
 
@@ -142,3 +142,20 @@ def test_records_are_kept_per_address_and_deleted() -> None:
         table.delete("a")
     assert table.get("a") is None
     assert table.get("b") == Record(2, 11.0, 70.0)
+
+
+def test_a_login_is_checked_and_counted_while_other_workers_wait() -> None:
+    # Between the lockout check and the count of a login, no other worker may count a failure: else one more
+    # password could be tried, or a right one could lift a lockout made meanwhile.
+    table = FailureTable()
+    throttle = LoginThrottle(max_failures=1, lockout_seconds=60, store=table)
+    other_worker: list[int | None] = []
+
+    def credentials_ok() -> bool:
+        pid = _fork(lambda: throttle.failure("192.0.2.8"))  # another worker's failure, at this moment
+        other_worker.append(_exit_code(pid, 0.3))  # None: it waited for this login's lock (then killed)
+        return False
+
+    assert throttle.attempt("192.0.2.8", credentials_ok) is Outcome.LOCKOUT
+    assert other_worker == [None]
+    assert _exit_code(_fork(lambda: throttle.failure("192.0.2.8"))) == 0  # runs once the lock is free
