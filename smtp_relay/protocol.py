@@ -126,7 +126,13 @@ class RelaySMTP(SMTP):
         return clone
 
     def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
+        session = RelaySession(self.loop)
+        previous = self.session
+        if isinstance(previous, RelaySession):
+            # After STARTTLS the SMTP session starts anew (RFC 3207 4.2), but the connection and its log lines
+            # are the same: keep its id, start time and message count.
+            session.id, session.started, session.messages = previous.id, previous.started, previous.messages
+        return session
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()

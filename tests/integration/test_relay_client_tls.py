@@ -93,6 +93,28 @@ def test_smtplib_delivers_over_starttls(relay, upstream, tls, mech):
     assert len(msgs) == 1 and msgs[0].data.endswith(MSG)
 
 
+def test_every_log_line_of_a_connection_carries_one_session_id_across_starttls(relay, upstream, tls):
+    import smtplib
+
+    smtp = smtplib.SMTP("127.0.0.1", relay.port, timeout=15)
+    peer = "127.0.0.1:%d" % smtp.sock.getsockname()[1]
+    try:
+        smtp.ehlo("client.test")
+        time.sleep(0.3)  # before STARTTLS: counted in the connection's duration
+        smtp.starttls(context=tls.client_ctx())
+        smtp.ehlo("client.test")
+        assert login(smtp)[0] == 235
+        assert smtp.sendmail("sender@example.com", ["rcpt@example.com"], MSG) == {}
+    finally:
+        quit_quietly(smtp)
+    assert relay.wait_for_log("event=disconnect", f"peer={peer}"), relay.describe()
+    lines = [line for line in relay.log_lines() if f"peer={peer}" in line]
+    events = [line.split("event=")[1].split()[0] for line in lines]
+    assert events[0] == "connect" and "starttls" in events and events[-1] == "disconnect", lines
+    assert len({line.split("session=")[1].split()[0] for line in lines}) == 1, lines
+    assert "messages=1" in lines[-1] and float(lines[-1].split("duration=")[1].split()[0]) >= 0.3, lines[-1]
+
+
 def test_swaks_delivers_over_starttls_with_verified_certificate(relay, upstream, tls, require_tool):
     swaks = require_tool("swaks")
     out = swaks_send(
