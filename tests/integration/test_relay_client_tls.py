@@ -97,7 +97,7 @@ def test_every_log_line_of_a_connection_carries_one_session_id_across_starttls(r
     import smtplib
 
     smtp = smtplib.SMTP("127.0.0.1", relay.port, timeout=15)
-    peer = "127.0.0.1:%d" % smtp.sock.getsockname()[1]
+    peer = f"127.0.0.1:{smtp.sock.getsockname()[1]}"
     try:
         smtp.ehlo("client.test")
         time.sleep(0.3)  # before STARTTLS: counted in the connection's duration
