@@ -43,11 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(settings)
         return _run(settings)
     except ConfigError as exc:
+        if args.command == "healthcheck" and not args.check_config:
+            # Docker reserves a health check's exit code 2; a relay whose configuration no longer loads
+            # (say, a certificate became unreadable) is simply unhealthy.
+            print(f"unhealthy: configuration error: {exc}", file=sys.stderr)
+            return 1
         print(f"smtp-relay: configuration error: {exc}", file=sys.stderr)
         return 2
 
 
 def _print_config(settings: Settings) -> int:
+    from smtp_relay.server import preflight
+
+    preflight(settings)
     for name, value in settings.masked().items():
         print(f"{name}={value}")
     for warning in settings.warnings():

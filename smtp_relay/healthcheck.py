@@ -88,13 +88,13 @@ def check(settings: Settings) -> str | None:
     except _Unhealthy as exc:
         return f"{where}: {exc}"
     except TimeoutError:
-        return f"{where}: no answer within {TOTAL_TIMEOUT:g} s"
+        return f"{where}: no answer within {_waited(deadline):.1f} s"
     except smtplib.SMTPResponseException as exc:
         error = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
         return f"{where}: answered {exc.smtp_code} {_one_line(str(error))}".rstrip()
     except smtplib.SMTPServerDisconnected as exc:
         if isinstance(exc.__context__, TimeoutError):  # smtplib turns a read timeout into "disconnected"
-            return f"{where}: no answer within {TOTAL_TIMEOUT:g} s"
+            return f"{where}: no answer within {_waited(deadline):.1f} s"
         return f"{where}: connection closed by the relay ({_one_line(str(exc)) or 'no reason given'})"
     except ssl.SSLError as exc:
         return f"{where}: TLS handshake failed: {_one_line(exc.reason or str(exc))}"
@@ -105,6 +105,11 @@ def check(settings: Settings) -> str | None:
     finally:
         _close(client, deadline)
     return None
+
+
+def _waited(deadline: float) -> float:
+    """Seconds the probe has been waiting (its deadline is TOTAL_TIMEOUT after its start)."""
+    return TOTAL_TIMEOUT - max(0.0, deadline - time.monotonic())
 
 
 def _session(client: smtplib.SMTP, host: str, port: int, use_tls: bool, deadline: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -65,8 +66,19 @@ def bind(host: str, port: int) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError("LISTEN_PORT", f"cannot listen on {host}:{port}: {reason}") from None
+        # In use or privileged: the port's fault; not found, not this host's, or no usable address: the host's.
+        port_fault = isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES)
+        variable = "LISTEN_PORT" if port_fault else "LISTEN_HOST"
+        raise ConfigError(variable, f"cannot listen on {host}:{port}: {reason}") from None
     return sockets
+
+
+def preflight(settings: Settings) -> None:
+    """What `--check-config` can try without taking the port (a running relay may hold it): the TLS files load,
+    and LISTEN_HOST is an address of this host. Raises ConfigError."""
+    RelayServer(settings)  # builds the TLS contexts
+    for sock in bind(settings.listen_host, 0):
+        sock.close()
 
 
 class RelayServer:

@@ -28,6 +28,7 @@ from aiosmtplib import (
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, SMTPProtocol
 
 from smtp_relay import replies
+from smtp_relay.config import ConfigError
 from smtp_relay.body import MessageBody
 from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE, ConnectionPool, PooledConnection
 
@@ -88,7 +89,10 @@ def client_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:  # unreadable, or no PEM certificate in it
+            raise ConfigError("RELAY_TLS_CA_FILE", f"cannot load CA certificates from {ca_file}: {exc}") from None
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

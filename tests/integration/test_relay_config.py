@@ -91,6 +91,44 @@ def test_relay_password_and_relay_password_file_both_set_is_an_error(tmp_path):
     assert RELAY_SECRET not in out.stderr + out.stdout
 
 
+def _not_pem(tmp_path) -> str:
+    path = tmp_path / "ca.pem"
+    path.write_text("this is not a certificate\n")
+    return str(path)
+
+
+# Found only when the files are loaded or the address is used: at start, and by --check-config too.
+BAD_AT_START = {
+    "ca-file-not-pem": (lambda tmp: {"RELAY_TLS_CA_FILE": _not_pem(tmp)}, "RELAY_TLS_CA_FILE"),
+    "ca-file-empty": (lambda tmp: {"RELAY_TLS_CA_FILE": "/dev/null"}, "RELAY_TLS_CA_FILE"),
+    "listen-host-not-of-this-host": (lambda tmp: {"LISTEN_HOST": "192.0.2.1"}, "LISTEN_HOST"),
+    "listen-host-unknown": (lambda tmp: {"LISTEN_HOST": "no-such-host.invalid"}, "LISTEN_HOST"),
+}
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["start", "check-config"])
+@pytest.mark.parametrize("case", list(BAD_AT_START), ids=list(BAD_AT_START))
+def test_files_and_addresses_that_cannot_be_used_exit_2_naming_the_variable(tmp_path, case, check):
+    overrides, variable = BAD_AT_START[case]
+    env = {**_base(tmp_path), **overrides(tmp_path)}
+    out = run_cli(["--check-config"], env, timeout=10) if check else _run_invalid(env)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"smtp-relay: configuration error: {variable}"), out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_check_config_finds_a_certificate_that_does_not_match_its_key(tmp_path, tls):
+    import trustme
+
+    other_key = tmp_path / "other.key"
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(str(other_key))
+    env = {**_base(tmp_path), "USE_TLS": "true", "TLS_CERT_FILE": str(tls.cert_pem), "TLS_KEY_FILE": str(other_key)}
+    out = run_cli(["--check-config"], env, timeout=10)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith("smtp-relay: configuration error: TLS_CERT_FILE"), out.stderr
+
+
 def test_invalid_configuration_with_check_config_also_exits_2(tmp_path):
     out = run_cli(["--check-config"], {**_base(tmp_path), "USE_TLS": "maybe"}, timeout=10)
     assert out.returncode == 2
