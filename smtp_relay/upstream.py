@@ -28,8 +28,8 @@ from aiosmtplib import (
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, SMTPProtocol
 
 from smtp_relay import replies
-from smtp_relay.config import ConfigError
 from smtp_relay.body import MessageBody
+from smtp_relay.config import ConfigError
 from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE, ConnectionPool, PooledConnection
 
 
