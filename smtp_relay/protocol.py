@@ -231,8 +231,12 @@ class RelaySMTP(SMTP):
         """
         if isinstance(status, str):
             if not self._raw_replies:
-                status = replies.with_enhanced_code(status)
-                self._last_reply = status
+                enhanced = replies.with_enhanced_code(status)
+                if enhanced is not status and enhanced[0] in "45":
+                    # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first): the relay's own
+                    # replies already carry enhanced codes and are logged where they are decided.
+                    logs.event(logging.WARNING, "command.refused", **self._ids(), reply=enhanced)
+                status = self._last_reply = enhanced
             response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
@@ -368,11 +372,29 @@ class RelaySMTP(SMTP):
 
     def _refusal_reply(self, body: MessageBody) -> str:
         if body.refusal is Refusal.TOO_BIG:
+            logs.event(
+                logging.WARNING,
+                "data.refused",
+                **self._ids(),
+                reason=f"over MAX_MESSAGE_SIZE ({body.size_limit} bytes)",
+            )
             return replies.MESSAGE_TOO_BIG
         if body.refusal is Refusal.LINE_TOO_LONG:
+            logs.event(logging.WARNING, "data.refused", **self._ids(), reason=f"a line over {body.line_limit} bytes")
             return replies.LINE_TOO_LONG
         logs.event(logging.ERROR, "data.spool_failed", **self._ids(), reason=str(body.spool_error))
         return replies.INTERNAL_ERROR
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """The library's check, with the refusal logged."""
+        assert self.session is not None
+        if self._auth_required and not self.session.authenticated:
+            logs.event(
+                logging.WARNING, "command.refused", **self._ids(), command=caller_method, reason="not authenticated"
+            )
+            await self.push(replies.AUTH_REQUIRED)
+            return True
+        return False
 
     def _ids(self) -> dict[str, str | None]:
         session = self.session

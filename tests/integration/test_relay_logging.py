@@ -198,3 +198,36 @@ def test_json_log_format_writes_one_json_object_per_line(relays):
     assert CLIENT_PASSWORD not in relay.all_output()
     file_lines = [ln for ln in relay.log_file.splitlines() if ln.strip()]
     assert file_lines and all(json.loads(ln) for ln in file_lines)
+
+
+def test_every_refusal_the_smtp_library_makes_is_logged_with_its_reply(stack, upstream):
+    # Refusals decided before the relay's own checks (by aiosmtpd: SIZE, syntax, sequence, not authenticated)
+    # and while the body is read (too big, line too long) each leave a line saying why.
+    relay = stack.relay(upstream.port, MAX_MESSAGE_SIZE="2048")
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<early@example.com>")[0] == 530
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("RCPT TO:<a@example.com>")[0] == 503  # no MAIL yet
+        assert c.cmd("MAIL FROM:<big@example.com> SIZE=999999")[0] == 552
+        assert c.cmd("FROBNICATE")[0] == 500
+        assert c.cmd("MAIL FROM:<big@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<a@example.com>")[0] == 250
+        assert send_data(c, b"Subject: big\r\n\r\n" + (b"x" * 80 + b"\r\n") * 40)[0] == 552
+        assert c.cmd("MAIL FROM:<long@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<a@example.com>")[0] == 250
+        assert send_data(c, b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n")[0] == 500
+        assert c.cmd("QUIT")[0] == 221
+    _sid, lines = _session_lines(relay, peer, "event=disconnect")
+    refused = [_fields(line) for line in lines if "event=command.refused" in line or "event=data.refused" in line]
+    assert [(f["event"], f.get("reply", f.get("reason", ""))[:4]) for f in refused] == [
+        ("command.refused", '"not'),  # MAIL before AUTH: reason="not authenticated"
+        ("command.refused", '"503'),
+        ("command.refused", '"552'),
+        ("command.refused", '"500'),
+        ("data.refused", '"ove'),
+        ("data.refused", '"a l'),
+    ], lines
+    assert all("level=WARNING" in line for line in lines if "refused" in line)
+    assert not [m for m in upstream.messages if m.mail_from in ("big@example.com", "long@example.com")]
