@@ -6,7 +6,8 @@ import asyncio
 import logging
 import re
 import time
-from email.utils import formatdate
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, TLSSetupException
@@ -226,7 +227,7 @@ def _rfc5322_date() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, formatdate(now, localtime=False))
+        _date = (now, format_datetime(datetime.fromtimestamp(now, UTC)))  # "+0000": UTC, as RFC 5322 3.3
     return _date[1]
 
 

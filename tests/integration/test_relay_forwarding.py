@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import re
 import smtplib
 import socket
@@ -83,6 +85,10 @@ def test_upstream_receives_exact_envelope_and_bytes_with_one_received_header_on_
     assert prefix.endswith(b"\r\n")
     fields = _received_headers(prefix)
     assert len(fields) == 1 and fields[0].startswith(b"Received:"), fields
+    # Its date is the time it was received, in UTC stated as such (+0000; -0000 would mean "zone unknown").
+    stamp = email.utils.parsedate_to_datetime(fields[0].rsplit(b";", 1)[1].decode().strip())
+    assert stamp.utcoffset() == datetime.timedelta(0) and fields[0].rstrip().endswith(b" +0000"), fields
+    assert abs(time.time() - stamp.timestamp()) < 30
 
 
 def test_client_gets_250_only_after_the_upstream_accepted(relay, upstream):

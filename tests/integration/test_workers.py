@@ -309,7 +309,7 @@ def test_a_listen_host_that_cannot_be_used_is_a_configuration_error(stack, worke
     sink = stack.sink()
     relay = stack.relay(sink.port, wait=False, WORKERS=workers, LISTEN_HOST=host)
     assert relay.wait(timeout=30) == 2
-    assert "LISTEN_PORT" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
+    assert "LISTEN_HOST" in relay.stderr and "Traceback" not in relay.stderr + relay.stdout
 
 
 def test_workers_auto_starts_one_worker_per_usable_cpu(stack):
