@@ -43,7 +43,15 @@ def main() -> int:
     # left behind holding the port.
     signal.signal(signal.SIGTERM, _interrupt)
     upstream = Controller(PrintingUpstream(), hostname="127.0.0.1", port=UPSTREAM_PORT)
-    upstream.start()
+    try:
+        upstream.start()
+    except OSError as exc:  # most often: something else already listens on the port
+        print(
+            f"demo: cannot listen on 127.0.0.1:{UPSTREAM_PORT} for the demo upstream ({exc.strerror or exc}); "
+            "choose another port with DEMO_UPSTREAM_PORT=<port> make demo",
+            file=sys.stderr,
+        )
+        return 1
     print(f"demo upstream listening on 127.0.0.1:{UPSTREAM_PORT}", flush=True)
     env = {
         # Demo defaults; anything already set in the environment wins.

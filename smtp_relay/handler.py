@@ -111,8 +111,8 @@ class RelayHandler:
                 logging.WARNING,
                 "rcpt.refused",
                 **_ids(session),
-                recipient=address,
-                reason="too many recipients",
+                address=address,
+                reason="too_many_recipients",
             )
             return TOO_MANY_RECIPIENTS
         verdict = self.policy.check_recipient(address)

@@ -284,6 +284,9 @@ def test_1000_recipients_are_taken_and_the_1001st_gets_452(healthy):
         assert send_data(c, f"X-Case: {marker}\r\n\r\nmany\r\n".encode())[0] == 250
     (stored,) = _stored(sink, marker)
     assert len(stored.rcpt_tos) == 1000
+    # Logged as the other recipient refusals are: the address and a reason.
+    line = relay.wait_for_log("event=rcpt.refused", "address=r1000@example.com", "reason=too_many_recipients")
+    assert line is not None, relay.describe()
 
 
 def _sized(marker: str, size: int) -> bytes:
