@@ -54,15 +54,15 @@ class Settings(BaseSettings):
     relay_tls_verify: bool = True
     relay_tls_ca_file: Path | None = None
     max_connections: int = Field(50, ge=1, le=100_000)
-    timeout: float = Field(60.0, gt=0, le=3600)
+    timeout: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
     log_file: str = "/var/log/smtp-relay.log"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     max_message_size: int = Field(26_214_400, ge=1024, le=2**31)
     auth_max_failures: int = Field(5, ge=1, le=10_000)
-    auth_lockout_seconds: float = Field(300.0, ge=0, le=86_400)
+    auth_lockout_seconds: float = Field(300.0, ge=0, le=86_400, allow_inf_nan=False)
     relay_pool_size: int = Field(POOL_SIZE, ge=0, le=1000)
-    relay_pool_idle_seconds: float = Field(IDLE_SECONDS, gt=0, le=3600)
+    relay_pool_idle_seconds: float = Field(IDLE_SECONDS, gt=0, le=3600, allow_inf_nan=False)
     relay_pool_max_messages: int = Field(MAX_MESSAGES_PER_CONNECTION, ge=1, le=1_000_000)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
 
