@@ -31,6 +31,8 @@ class FailureStore(Protocol):
 
     def get(self, address: str) -> Record | None: ...
 
+    def peek(self, address: str) -> Record | None: ...
+
     def put(self, address: str, record: Record) -> None: ...
 
     def delete(self, address: str) -> None: ...
@@ -41,8 +43,8 @@ class FailureStore(Protocol):
 class LoginThrottle:
     """Counts failures per address within the lockout window; pure rules over an injected store and clock.
 
-    Every read and change is made under the store's lock, and a login is checked and counted in one step
-    (`attempt`), so that logins handled by other workers at the same moment cannot slip between the two.
+    A login is checked and counted in one step under the store's lock (`attempt`), so that logins handled by other
+    workers at the same moment cannot slip between the two; `locked_for` and `delay` only advise.
     """
 
     def __init__(
@@ -57,30 +59,28 @@ class LoginThrottle:
         self._store = store
         self._clock = clock
 
-    def _current(self, address: str, now: float) -> Record | None:
-        record = self._store.get(address)
+    def _current(self, record: Record | None, now: float) -> Record | None:
         if record is None or (record.locked_until <= now and now - record.last_failure > self.lockout_seconds):
             return None  # none, or forgotten: the window passed without a new failure
         return record
 
     def locked_for(self, address: str) -> float:
-        """Seconds this address stays locked out; 0 when it may try to log in."""
-        with self._store.lock():
-            now = self._clock()
-            record = self._current(address, now)
+        """Seconds this address stays locked out; 0 when it may try to log in. Advice, read without the lock:
+        `attempt` decides."""
+        now = self._clock()
+        record = self._current(self._store.peek(address), now)
         return 0.0 if record is None else max(0.0, record.locked_until - now)
 
     def delay(self, address: str) -> float:
         """How long to wait before answering this address's next AUTH: grows with its failures."""
-        with self._store.lock():
-            record = self._current(address, self._clock())
+        record = self._current(self._store.peek(address), self._clock())
         return 0.0 if record is None else min(MAX_DELAY, DELAY_STEP * record.failures)
 
     def attempt(self, address: str, credentials_ok: Callable[[], bool]) -> Outcome:
         """A login from `address`: refused unchecked while it is locked out, else checked and counted."""
         with self._store.lock():
             now = self._clock()
-            record = self._current(address, now)
+            record = self._current(self._store.get(address), now)
             if record is not None and record.locked_until > now:
                 return Outcome.LOCKED
             if credentials_ok():
@@ -93,7 +93,7 @@ class LoginThrottle:
         """Record a failed login; True when this failure locks the address out."""
         with self._store.lock():
             now = self._clock()
-            return self._count_failure(address, self._current(address, now), now)
+            return self._count_failure(address, self._current(self._store.get(address), now), now)
 
     def _count_failure(self, address: str, record: Record | None, now: float) -> bool:
         record = record or Record(0, now, 0.0)

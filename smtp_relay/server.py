@@ -106,7 +106,8 @@ class RelayServer:
                 pool_max_messages=settings.relay_pool_max_messages,
             )
         )
-        throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds, logins or FailureTable())
+        logins = logins or FailureTable(shared=False)
+        throttle = LoginThrottle(settings.auth_max_failures, settings.auth_lockout_seconds, logins)
         self._handler = RelayHandler(settings.policy, self._upstream, self.hostname, throttle)
         password = settings.smtp_auth_password.get_secret_value()
         self._authenticator = Authenticator(settings.smtp_auth_username, password, throttle)

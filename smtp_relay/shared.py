@@ -1,10 +1,9 @@
 """Memory the relay's processes share (WORKERS > 1): open connections and failed logins, under one lock each.
 
 Both tables live in an unnamed memory file (memfd) that a process maps before it forks its workers, so every
-worker sees the same pages. Readers and writers take a POSIX record lock on that file (`fcntl.lockf`): the
-kernel drops it when its holder dies, so a killed worker cannot leave the others waiting. A single relay process
-uses the same tables; the lock then costs two system calls where it is taken (a login, and a new connection with
-workers).
+worker sees the same pages. Changes are made under a POSIX record lock on that file (`fcntl.lockf`): the
+kernel drops it when its holder dies, so a killed worker cannot leave the others waiting. A relay of one process
+keeps its login table in memory of its own, without the lock.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import mmap
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 
 from smtp_relay.lockout import Record
 
@@ -24,28 +22,43 @@ LOGIN_SLOTS = 65_536
 WAYS = 8
 
 
-class _SharedFile:
-    """An unnamed memory file mapped shared (inherited by fork), and a lock over it between processes."""
+class _Lock:
+    """An exclusive POSIX record lock on a file, as a reusable context manager (not re-entrant)."""
 
-    def __init__(self, name: str, size: int) -> None:
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        # POSIX locks belong to a process, so they exclude the other workers; fork() does not pass them on.
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
+class _SharedFile:
+    """An unnamed memory file mapped shared (inherited by fork), and a lock over it between processes; or, for
+    one process alone, anonymous memory and no lock."""
+
+    def __init__(self, name: str, size: int, shared: bool = True) -> None:
+        self._lock: AbstractContextManager[None] = nullcontext()
+        if not shared:
+            self.view = memoryview(mmap.mmap(-1, size))
+            return
         if hasattr(os, "memfd_create"):
-            self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
         else:  # pragma: no cover - not Linux: an unnamed file in the temporary directory serves as well
             fd, path = tempfile.mkstemp(prefix=name)
             os.unlink(path)
-            self._fd = fd
-        weakref.finalize(self, os.close, self._fd)
-        os.ftruncate(self._fd, size)
-        self.view = memoryview(mmap.mmap(self._fd, size))  # zero-filled; pages are allocated when first written
+        weakref.finalize(self, os.close, fd)
+        os.ftruncate(fd, size)
+        self.view = memoryview(mmap.mmap(fd, size))  # zero-filled; pages are allocated when first written
+        self._lock = _Lock(fd)
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        # POSIX locks belong to a process, so they exclude the other workers; fork() does not pass them on.
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+    def lock(self) -> AbstractContextManager[None]:
+        return self._lock
 
 
 class ConnectionCounts:
@@ -80,15 +93,16 @@ class FailureTable:
     An address is found by its `hash()`, which is the same in every worker (they are forked from one process,
     which fixes Python's hash seed), in a bucket of WAYS slots. A new address takes its bucket's empty slot or
     the one with the oldest last failure, where a lockout counts as a failure at its end: an address that is
-    locked out outlasts a flood of addresses that are not. Every read and write is made under `lock()`
-    (`lockout.LoginThrottle` takes it), so no process sees a record half written.
+    locked out outlasts a flood of addresses that are not. Changes, and the reads they depend on, are made under
+    `lock()`; `peek()` reads without it, for advice only (how long to delay, whether to refuse early).
+    `shared=False`: for a relay of one process, which needs no lock.
     """
 
-    def __init__(self, slots: int = LOGIN_SLOTS) -> None:
+    def __init__(self, slots: int = LOGIN_SLOTS, shared: bool = True) -> None:
         if slots < WAYS or slots % WAYS:
             raise ValueError(f"slots must be a positive multiple of {WAYS}")
         self._buckets = slots // WAYS
-        self._file = _SharedFile("smtp-relay-logins", 32 * slots)
+        self._file = _SharedFile("smtp-relay-logins", 32 * slots, shared)
         view = self._file.view
         self._keys = view[: 8 * slots].cast("q")
         self._failures = view[8 * slots : 16 * slots].cast("q")
@@ -102,15 +116,22 @@ class FailureTable:
 
     def _find(self, key: int) -> int:
         start = key % self._buckets * WAYS
-        for slot in range(start, start + WAYS):
-            if self._keys[slot] == key:
-                return slot
-        return -1
+        bucket = self._keys[start : start + WAYS].tolist()
+        return start + bucket.index(key) if key in bucket else -1
 
     def get(self, address: str) -> Record | None:
         """The record of `address`, if any (the caller holds `lock()`)."""
         slot = self._find(self._key(address))
         return None if slot < 0 else Record(self._failures[slot], self._last[slot], self._until[slot])
+
+    def peek(self, address: str) -> Record | None:
+        """`get()` without the lock: the record may be half updated, but it is never another address's."""
+        key = self._key(address)
+        slot = self._find(key)
+        if slot < 0:
+            return None
+        record = Record(self._failures[slot], self._last[slot], self._until[slot])
+        return record if self._keys[slot] == key else None  # the slot changed hands meanwhile
 
     def put(self, address: str, record: Record) -> None:
         """Store `record` (the caller holds `lock()`)."""
@@ -119,6 +140,7 @@ class FailureTable:
         if slot < 0:
             start = key % self._buckets * WAYS
             slot = min(range(start, start + WAYS), key=self._ends)
+            self._keys[slot] = 0  # while it changes hands, `peek()` finds it under neither address
         self._failures[slot], self._last[slot], self._until[slot] = record
         self._keys[slot] = key
 

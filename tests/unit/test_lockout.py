@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from smtp_relay.lockout import MAX_DELAY, LoginThrottle, Outcome
 from smtp_relay.shared import FailureTable
 
@@ -14,9 +16,10 @@ class Clock:
         return self.now
 
 
-def test_failures_slow_down_then_lock_out_for_the_configured_time() -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["workers", "one-process"])
+def test_failures_slow_down_then_lock_out_for_the_configured_time(shared: bool) -> None:
     clock = Clock()
-    throttle = LoginThrottle(max_failures=3, lockout_seconds=60, store=FailureTable(), clock=clock)
+    throttle = LoginThrottle(max_failures=3, lockout_seconds=60, store=FailureTable(shared=shared), clock=clock)
     assert throttle.delay("1.2.3.4") == 0
     assert throttle.failure("1.2.3.4") is False
     assert 0 < throttle.delay("1.2.3.4") <= MAX_DELAY
