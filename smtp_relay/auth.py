@@ -42,7 +42,7 @@ class Authenticator:
         }
         if outcome is Outcome.LOCKED:  # locked by another connection since this one sent AUTH: as before AUTH
             logs.event(logging.WARNING, "auth", outcome="locked", mechanism=mechanism, **fields)
-            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED_OUT)
+            return AuthResult(success=False, handled=False, message=replies.Logged(replies.AUTH_LOCKED_OUT))
         user = fields["user"] = login.decode("utf-8", errors="replace")
         if outcome is Outcome.SUCCESS:
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
@@ -57,7 +57,7 @@ class Authenticator:
                 seconds=self.throttle.lockout_seconds,
                 reason="AUTH_MAX_FAILURES reached",
             )
-        return AuthResult(success=False, handled=False)
+        return AuthResult(success=False, handled=False, message=replies.Logged(replies.AUTH_INVALID))
 
 
 def peer_address(session: Any) -> str:

@@ -21,20 +21,22 @@ from smtp_relay.upstream import Upstream
 
 # RFC 5321 asks servers to take at least 100; 1000 covers every real list while bounding one envelope.
 MAX_RECIPIENTS = 1000
-TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_MANY_RECIPIENTS = replies.Logged("452 4.5.3 Too many recipients")
 
+# The handler logs every refusal it decides: its replies say so (`replies.Logged`), so that the protocol does not.
 _SENDER_REPLIES = {
-    Decision.NULL_SENDER: replies.NULL_SENDER_DENIED,
-    Decision.MALFORMED: replies.ADDRESS_INVALID,
-    Decision.ROUTING: replies.ADDRESS_ROUTING_DENIED,
-    Decision.DOMAIN_NOT_ALLOWED: replies.SENDER_DOMAIN_DENIED,
+    Decision.NULL_SENDER: replies.Logged(replies.NULL_SENDER_DENIED),
+    Decision.MALFORMED: replies.Logged(replies.ADDRESS_INVALID),
+    Decision.ROUTING: replies.Logged(replies.ADDRESS_ROUTING_DENIED),
+    Decision.DOMAIN_NOT_ALLOWED: replies.Logged(replies.SENDER_DOMAIN_DENIED),
 }
 _RECIPIENT_REPLIES = {
-    Decision.NULL_SENDER: replies.RECIPIENT_ADDRESS_INVALID,
-    Decision.MALFORMED: replies.RECIPIENT_ADDRESS_INVALID,
-    Decision.ROUTING: replies.ADDRESS_ROUTING_DENIED,
-    Decision.DOMAIN_NOT_ALLOWED: replies.RECIPIENT_DOMAIN_DENIED,
+    Decision.NULL_SENDER: replies.Logged(replies.RECIPIENT_ADDRESS_INVALID),
+    Decision.MALFORMED: replies.Logged(replies.RECIPIENT_ADDRESS_INVALID),
+    Decision.ROUTING: replies.Logged(replies.ADDRESS_ROUTING_DENIED),
+    Decision.DOMAIN_NOT_ALLOWED: replies.Logged(replies.RECIPIENT_DOMAIN_DENIED),
 }
+_INTERNAL_ERROR = replies.Logged(replies.INTERNAL_ERROR)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -71,7 +73,7 @@ class RelayHandler:
             logs.event(
                 logging.WARNING, "auth.refused", **_ids(session), reason="locked out", seconds=f"{locked_for:.0f}"
             )
-            await server.push(replies.AUTH_LOCKED_OUT)
+            await server.push(replies.Logged(replies.AUTH_LOCKED_OUT))
             server.close()
             return None
         delay = self.throttle.delay(address)
@@ -137,7 +139,7 @@ class RelayHandler:
                 refused=",".join(envelope.refused_recipients),
                 reason="a recipient was refused",
             )
-            return replies.MESSAGE_HAD_REFUSED_RECIPIENTS
+            return replies.Logged(replies.MESSAGE_HAD_REFUSED_RECIPIENTS)
         assert envelope.mail_from is not None and envelope.body is not None
         header = self._received_header(server, session)
         eight_bit = "BODY=8BITMIME" in envelope.mail_options
@@ -148,7 +150,7 @@ class RelayHandler:
             )
         except Exception:
             logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
-            return replies.INTERNAL_ERROR
+            return _INTERNAL_ERROR
         except asyncio.CancelledError:
             # aiosmtpd cancels the session when the client closes its side, also while its message is on the way.
             logs.event(
@@ -182,15 +184,12 @@ class RelayHandler:
                 **fields,
                 reason=outcome.problem,
             )
-        return outcome.reply
+        return replies.Logged(outcome.reply)
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, TLSSetupException):
-            cause = error.__cause__
-            logs.event(logging.WARNING, "starttls.failed", reason=f"{type(cause).__name__}: {cause}")
-        else:
+        if not isinstance(error, TLSSetupException):  # that one is logged by `RelaySMTP.smtp_STARTTLS`
             logs.log.error("internal.error", exc_info=error, extra={"fields": {"reason": type(error).__name__}})
-        return replies.INTERNAL_ERROR
+        return _INTERNAL_ERROR
 
     def _log_refusal(self, name: str, session: RelaySession, address: str, verdict: Verdict) -> None:
         logs.event(

@@ -11,7 +11,7 @@ import types
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody, Refusal, receive
@@ -86,6 +86,11 @@ class ConnectionTracker(Protocol):
     def closed(self, protocol: RelaySMTP) -> None: ...
 
 
+# Refused commands a connection may send (syntax and sequence errors, commands before AUTH) before it is closed
+# with 421, as Postfix's smtpd_hard_error_limit (also 20). Policy refusals do not count.
+HARD_ERROR_LIMIT = 20
+
+
 class RelaySMTP(SMTP):
     """One client connection."""
 
@@ -98,6 +103,7 @@ class RelaySMTP(SMTP):
         self._registered = False
         self._idle_deadline = 0.0
         self._tls_established = False
+        self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
 
     def spawn(self) -> RelaySMTP:
         """A protocol for one new connection, made from this one (a template that never sees a connection).
@@ -207,7 +213,16 @@ class RelaySMTP(SMTP):
         us the connection is gone: aiosmtpd would wait on it forever, holding a MAX_CONNECTIONS slot. A handshake
         that completed has called `connection_made` again.
         """
-        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None:
+            # RFC 3207 4.2: never a second TLS layer inside the first (aiosmtpd would start one).
+            await self.push(replies.TLS_ALREADY_ACTIVE)
+            return
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as error:
+            cause = error.__cause__
+            logs.event(logging.WARNING, "starttls.failed", **self._ids(), reason=f"{type(cause).__name__}: {cause}")
+            raise
         if self._tls_protocol is not None and not self._tls_established and self._registered:
             self.connection_lost(None)
 
@@ -229,25 +244,32 @@ class RelaySMTP(SMTP):
         four times per message; here `drain()` is awaited only when it has something to do: the transport's
         buffer is full, or the connection is closing or lost (it then raises, as in the library).
         """
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            # Closed after a 421 (or by the client): commands it pipelined behind get no reply (and no log line).
+            raise ConnectionResetError("Connection closing")
         if isinstance(status, str):
             if not self._raw_replies:
-                enhanced = replies.with_enhanced_code(status)
-                if enhanced is not status and enhanced[0] in "45":
-                    # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first): the relay's own
-                    # replies already carry enhanced codes and are logged where they are decided.
-                    logs.event(logging.WARNING, "command.refused", **self._ids(), reply=enhanced)
-                status = self._last_reply = enhanced
+                status = self._last_reply = replies.with_enhanced_code(status)
+            if status[0] in "45" and not isinstance(status, replies.Logged):
+                # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first, AUTH exchange): the
+                # relay's own are logged where they are decided.
+                self.refused(status)
             response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
-        transport = self.transport
         if transport is None:
             # The client left while this reply was being made (say, right after its final dot, as the upstream
             # accepted the message): say so; `_handle_client` ends the session quietly.
             logs.event(logging.INFO, "reply.lost", **self._ids(), reply=response[:64].decode("ascii", "replace"))
             raise ConnectionResetError("Connection lost")
+        if self._errors >= HARD_ERROR_LIMIT and not response.startswith(b"421"):
+            response += b"\r\n" + replies.TOO_MANY_ERRORS.encode()
+            logs.event(
+                logging.WARNING, "errors.limit", **self._ids(), errors=self._errors, reply=replies.TOO_MANY_ERRORS
+            )
         _writable(transport).write(response + b"\r\n")
-        if response.startswith(b"421"):  # RFC 5321 3.8: a 421 closes the connection (the reply is sent first)
+        if response.startswith(b"421") or b"\r\n421 " in response:  # RFC 5321 3.8: a 421 closes the connection
             transport.close()
             return
         # asyncio's FlowControlMixin state, which typeshed leaves out.
@@ -378,21 +400,28 @@ class RelaySMTP(SMTP):
                 **self._ids(),
                 reason=f"over MAX_MESSAGE_SIZE ({body.size_limit} bytes)",
             )
-            return replies.MESSAGE_TOO_BIG
+            return replies.Logged(replies.MESSAGE_TOO_BIG)
         if body.refusal is Refusal.LINE_TOO_LONG:
             logs.event(logging.WARNING, "data.refused", **self._ids(), reason=f"a line over {body.line_limit} bytes")
-            return replies.LINE_TOO_LONG
+            return replies.Logged(replies.LINE_TOO_LONG)
         logs.event(logging.ERROR, "data.spool_failed", **self._ids(), reason=str(body.spool_error))
-        return replies.INTERNAL_ERROR
+        return replies.Logged(replies.INTERNAL_ERROR)
+
+    def refused(self, reply: str, **fields: str) -> None:
+        """Log a refusal the relay's own code did not log (the first HARD_ERROR_LIMIT of a connection), and
+        count it: a client that keeps sending what is refused is cut off (`push`), as Postfix's
+        smtpd_hard_error_limit does, so that it can neither flood the log nor hold its connection forever."""
+        self._errors += 1
+        if self._errors <= HARD_ERROR_LIMIT:
+            logs.event(logging.WARNING, "command.refused", **self._ids(), **fields, reply=reply)
 
     async def check_auth_needed(self, caller_method: str) -> bool:
-        """The library's check, with the refusal logged."""
+        """The library's check, with the refusal logged and counted."""
         assert self.session is not None
         if self._auth_required and not self.session.authenticated:
-            logs.event(
-                logging.WARNING, "command.refused", **self._ids(), command=caller_method, reason="not authenticated"
-            )
-            await self.push(replies.AUTH_REQUIRED)
+            if self.transport is not None and not self.transport.is_closing():
+                self.refused(replies.AUTH_REQUIRED, command=caller_method, reason="not authenticated")
+            await self.push(replies.Logged(replies.AUTH_REQUIRED))
             return True
         return False
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import re
 
+
+class Logged(str):
+    """A reply whose decision was logged where it was made. `RelaySMTP.push` logs every other refusal."""
+
+    __slots__ = ()
+
+
 # Session and connection.
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -11,6 +18,8 @@ IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed logins, try again later"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+TLS_ALREADY_ACTIVE = "503 5.5.1 TLS already active"
 
 # Envelope policy.
 SENDER_OK = "250 2.1.0 Sender OK"
@@ -92,10 +101,11 @@ def with_enhanced_code(reply: str) -> str:
 
 
 def upstream_reply(code: int, text: str) -> str:
-    """Pass an upstream error on to the client: keep its class, code and text, on one safe line."""
+    """Pass an upstream error on to the client: keep its class, code and text, on one safe line. Never 421:
+    that would say the relay closes the client's connection (the upstream's session is another one)."""
     text = " ".join(text.split()) or "Upstream error"
     text = "".join(ch for ch in text if 32 <= ord(ch) < 127)[:400]
-    if not 400 <= code < 600:
+    if not 400 <= code < 600 or code == 421:
         code = 451
     if _ENHANCED.match(f"{code} {text}"):
         return f"{code} {text}"

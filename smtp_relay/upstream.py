@@ -488,6 +488,9 @@ _AUTH_NEEDED = frozenset({530, 538})
 
 def _classify(stage: Stage, exc: BaseException) -> Outcome:
     """The outcome for an exception at `stage`: the upstream's own verdict, or a 451 for a transient fault."""
+    if isinstance(exc, SMTPResponseException) and exc.code == 421:  # at any stage, a recipient's included
+        # The upstream is closing the session: transient, and the client's session goes on.
+        return Outcome(False, replies.UPSTREAM_CLOSING, stage, exc.code, exc.message, "upstream closing (421)")
     if isinstance(exc, SMTPRecipientRefused):
         reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused recipient {exc.recipient}")
@@ -501,9 +504,6 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
             problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
         )
     if isinstance(exc, SMTPResponseException):
-        if exc.code == 421:
-            # The upstream is closing the session: transient, and the client's session goes on.
-            return Outcome(False, replies.UPSTREAM_CLOSING, stage, exc.code, exc.message, "upstream closing (421)")
         if exc.code in _AUTH_NEEDED:
             # The upstream wants the relay to log in (RELAY_USERNAME unset or not enough): the relay's fault.
             problem = "upstream requires authentication: check RELAY_USERNAME/RELAY_PASSWORD"

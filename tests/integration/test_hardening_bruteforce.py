@@ -188,3 +188,21 @@ def test_clients_that_connect_and_hang_up_at_once_do_not_hold_connection_slots(s
             assert time.monotonic() < deadline, "probes still hold the connection slots:\n" + relay.describe()
             time.sleep(0.05)
     assert relay.wait_for_log("event=disconnect", "duration=0.0"), relay.describe()
+
+
+def test_commands_pipelined_behind_a_421_get_no_reply_and_no_log_line(stack):
+    upstream = stack.sink()
+    relay = stack.relay(upstream.port, AUTH_MAX_FAILURES="1", AUTH_LOCKOUT_SECONDS="30")
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO attacker.test")[0] == 250
+        assert c.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, "wrong"))[0] == 535  # now locked out
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO attacker.test")[0] == 250
+        good = plain_b64(CLIENT_USER, CLIENT_PASSWORD)
+        c.send(f"AUTH PLAIN {good}\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\nQUIT\r\n".encode())
+        assert c.reply()[0] == 421
+        assert c.closed_by_peer(5)
+    assert relay.wait_for_log("event=disconnect", f"peer={peer}"), relay.describe()
+    events = [ln.split("event=")[1].split()[0] for ln in relay.log_lines() if f"peer={peer}" in ln]
+    assert events == ["connect", "auth.refused", "disconnect"], events

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.client import RawClient, curl_send, login, quit_quietly, swaks_send
+from support.client import RawClient, curl_send, login, quit_quietly, send_data, swaks_send
 from support.relay import CLIENT_PASSWORD
 
 MSG = b"Subject: over starttls\r\n\r\nsecret body\r\n"
@@ -231,3 +231,29 @@ def test_a_tls_client_that_goes_quiet_is_cut_off_within_timeout_not_asyncios_30_
     finally:
         for c in quiet:
             c.close()
+
+
+def test_starttls_inside_tls_is_refused_and_the_session_goes_on(stack, upstream, tls):
+    # RFC 3207 4.2. aiosmtpd would start a second TLS layer; a client that stalled in it held its connection
+    # slot for good.
+    relay = stack.relay(
+        upstream.port,
+        USE_TLS="true",
+        TLS_CERT_FILE=str(tls.cert_pem),
+        TLS_KEY_FILE=str(tls.key_pem),
+        MAX_CONNECTIONS="1",
+    )
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.starttls(tls.client_ctx(), server_hostname="localhost")[0] == 220
+        assert "STARTTLS" not in c.cmd("EHLO client.test")[1]
+        code, text = c.cmd("STARTTLS")
+        assert (code, text[:5]) == (503, "5.5.1"), (code, text)
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+    assert relay.wait_for_log("event=disconnect"), relay.describe()
+    with RawClient(relay.port) as c:  # the only slot is free again
+        assert c.greeting[0] == 220
+    assert "Traceback" not in relay.stdout + relay.stderr

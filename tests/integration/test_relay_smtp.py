@@ -391,3 +391,50 @@ def test_dot_stuffed_lines_survive_unchanged(relay, upstream):
     msgs = upstream.wait_for_messages(1)
     assert len(msgs) == 1
     assert msgs[0].data.endswith(original)
+
+
+def test_a_client_that_keeps_sending_refused_commands_is_cut_off_after_20_with_421(relay):
+    # As Postfix's smtpd_hard_error_limit: a client that never logs in cannot flood the log or hold its slot.
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO flood.test")[0] == 250
+        c.send(b"MAIL FROM:<a@example.com>\r\n" * 100)
+        codes = []
+        while not c.closed_by_peer(0):
+            codes.append(c.reply()[0])
+            if codes[-1] == 421:
+                break
+    assert codes == [530] * 20 + [421], codes
+    assert relay.wait_for_log("event=errors.limit", f"peer={peer}", "errors=20"), relay.describe()
+    lines = [line for line in relay.log_lines() if f"peer={peer}" in line]
+    assert sum("event=command.refused" in line for line in lines) == 20, lines
+    assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250  # others served
+
+
+def test_policy_refusals_do_not_count_towards_the_error_limit(relay, upstream):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO many.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        c.send(b"".join(b"RCPT TO:<x%d@not-allowed.test>\r\n" % i for i in range(30)))
+        assert [c.reply()[0] for _ in range(30)] == [550] * 30
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+
+
+def test_an_upstream_421_for_a_recipient_is_a_451_and_the_client_session_goes_on(relay, upstream):
+    upstream.configure(refuse_rcpt={"closing@example.com": "421 4.3.0 Service closing transmission channel"})
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<closing@example.com>")[0] == 250
+        code, text = send_data(c, MSG)
+        assert code == 451 and not text.startswith("421"), (code, text)
+        assert c.cmd("NOOP")[0] == 250  # the relay did not close the client's connection
+        upstream.configure()
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<closing@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
