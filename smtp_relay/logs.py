@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -292,6 +293,18 @@ def flush_all() -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def check_log_file(settings: Settings) -> None:
+    """For `--check-config`: LOG_FILE can be written, as far as can be told without creating it."""
+    if not settings.log_file:
+        return
+    path = Path(settings.log_file)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if path.is_dir():
+        raise ConfigError("LOG_FILE", f"{str(path)!r} is a directory")
+    if not os.access(existing, os.W_OK | (0 if existing == path else os.X_OK)):
+        raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {str(existing)!r} is not writable")
 
 
 def setup(settings: Settings) -> None:

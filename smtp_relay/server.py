@@ -42,9 +42,9 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return uvloop.run(main())
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
+def bind(host: str, port: int, shown_port: int | None = None) -> list[socket.socket]:
     """Listening sockets for host:port, one per address, as asyncio's `create_server` makes them; bound once, by the
-    relay or by the supervisor of its workers."""
+    relay or by the supervisor of its workers. Errors name `shown_port` (default: `port`)."""
     sockets: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -69,16 +69,20 @@ def bind(host: str, port: int) -> list[socket.socket]:
         # In use or privileged: the port's fault; not found, not this host's, or no usable address: the host's.
         port_fault = isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES)
         variable = "LISTEN_PORT" if port_fault else "LISTEN_HOST"
-        raise ConfigError(variable, f"cannot listen on {host}:{port}: {reason}") from None
+        where = f"[{host}]" if ":" in host else host
+        raise ConfigError(
+            variable, f"cannot listen on {where}:{port if shown_port is None else shown_port}: {reason}"
+        ) from None
     return sockets
 
 
 def preflight(settings: Settings) -> None:
     """What `--check-config` can try without taking the port (a running relay may hold it): the TLS files load,
-    and LISTEN_HOST is an address of this host. Raises ConfigError."""
+    LISTEN_HOST is an address of this host, LOG_FILE looks writable. Raises ConfigError."""
     RelayServer(settings)  # builds the TLS contexts
-    for sock in bind(settings.listen_host, 0):
+    for sock in bind(settings.listen_host, 0, shown_port=settings.listen_port):
         sock.close()
+    logs.check_log_file(settings)
 
 
 class RelayServer:

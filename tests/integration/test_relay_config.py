@@ -106,6 +106,7 @@ BAD_AT_START = {
     "ca-file-empty": (lambda tmp: {"RELAY_TLS_CA_FILE": "/dev/null"}, "RELAY_TLS_CA_FILE"),
     "listen-host-not-of-this-host": (lambda tmp: {"LISTEN_HOST": "192.0.2.1"}, "LISTEN_HOST"),
     "listen-host-unknown": (lambda tmp: {"LISTEN_HOST": "no-such-host.invalid"}, "LISTEN_HOST"),
+    "log-file-is-a-directory": (lambda tmp: {"LOG_FILE": str(tmp)}, "LOG_FILE"),
 }
 
 
@@ -119,6 +120,8 @@ def test_files_and_addresses_that_cannot_be_used_exit_2_naming_the_variable(tmp_
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"smtp-relay: configuration error: {variable}"), out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+    if variable == "LISTEN_HOST":
+        assert f":{env['LISTEN_PORT']}:" in lines[0], lines[0]  # the port it would listen on, not a probe's
 
 
 def test_check_config_finds_a_certificate_that_does_not_match_its_key(tmp_path, tls):
