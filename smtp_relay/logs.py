@@ -45,8 +45,16 @@ def escape(value: object) -> str:
             out.append(f"\\x{ord(ch):02x}")
         elif 0xDC80 <= ord(ch) <= 0xDCFF:  # undecodable byte kept by surrogateescape
             out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        else:
+        elif ch.isprintable():
             out.append(ch)
+        else:  # C1 controls, Unicode line and paragraph separators, bidi and other format characters
+            out.append(
+                f"\\x{ord(ch):02x}"
+                if ord(ch) < 0x100
+                else f"\\u{ord(ch):04x}"
+                if ord(ch) < 0x10000
+                else f"\\U{ord(ch):08x}"
+            )
     return '"' + "".join(out) + '"'
 
 
@@ -332,9 +340,10 @@ def setup(settings: Settings) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    # aiosmtpd logs every command line at INFO, AUTH payloads included: never let it below WARNING.
+    # aiosmtpd logs every command line at INFO, AUTH payloads included, and its WARNINGs are refusals the relay
+    # logs itself with the session id (`command.refused`): only its errors are let through.
     library = logging.getLogger("mail.log")
-    library.setLevel(logging.WARNING)
+    library.setLevel(logging.ERROR)
     library.addFilter(_not_noise)
     warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS", category=UserWarning)
     logging.getLogger("aiosmtplib").setLevel(logging.WARNING)

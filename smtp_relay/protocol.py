@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import secrets
@@ -104,6 +105,9 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0
         self._tls_established = False
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
+        # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
+        # grows it on every EHLO: each connection has its own (`spawn`).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
 
     def spawn(self) -> RelaySMTP:
         """A protocol for one new connection, made from this one (a template that never sees a connection).
@@ -127,8 +131,7 @@ class RelaySMTP(SMTP):
         clone._auth_methods = {
             name: attr._replace(method=_rebind(attr.method, self, clone)) for name, attr in self._auth_methods.items()
         }
-        # The library clears this class-level table in every __init__ (EHLO grows it per connection).
-        self.command_size_limits.clear()
+        clone.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         return clone
 
     def _create_session(self) -> RelaySession:
@@ -279,6 +282,7 @@ class RelaySMTP(SMTP):
             self._close_with(replies.SHUTTING_DOWN)
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits.clear()  # each EHLO grows MAIL's limit by SIZE's 26 bytes: once is enough
         # RFC 2034: the EHLO/HELO reply lines carry no enhanced status codes.
         self._raw_replies = True
         try:
@@ -406,6 +410,17 @@ class RelaySMTP(SMTP):
             return replies.Logged(replies.LINE_TOO_LONG)
         logs.event(logging.ERROR, "data.spool_failed", **self._ids(), reason=str(body.spool_error))
         return replies.Logged(replies.INTERNAL_ERROR)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> Any:
+        """The library's AUTH challenge, with an answer longer than a command line refused (RFC 4954 4): asyncio's
+        line reader raises ValueError there, which the library would answer as an internal error."""
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
+        except ValueError:
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return MISSING
 
     def refused(self, reply: str, **fields: str) -> None:
         """Log a refusal the relay's own code did not log (the first HARD_ERROR_LIMIT of a connection), and

@@ -48,6 +48,9 @@ def bind(host: str, port: int, shown_port: int | None = None) -> list[socket.soc
     sockets: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # `::` alone (no IPv4 socket beside it) takes IPv4 connections too, as its README row says; any other IPv6
+        # socket takes IPv6 only (an empty LISTEN_HOST binds 0.0.0.0 and :: separately).
+        dual_stack = all(info[0] == socket.AF_INET6 and info[4][0] == "::" for info in infos)
         for family, kind, proto, _, address in dict.fromkeys(infos):
             try:
                 sock = socket.socket(family, kind, proto)
@@ -56,7 +59,7 @@ def bind(host: str, port: int, shown_port: int | None = None) -> list[socket.soc
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
             sock.bind(address)
             sock.listen(1024)
             sock.setblocking(False)

@@ -338,3 +338,13 @@ def test_allowlist_matches_idn_in_either_form_and_ignores_trailing_dot_in_the_li
         for rcpt in ("f@bucher.example", "g@xn--bcher-kva.example.evil.test", "h@sub.trailing.example"):
             code, text = c.cmd(f"RCPT TO:<{rcpt}>")
             assert code == 550, (rcpt, code, text)
+
+
+def test_listen_host_ipv6_any_takes_ipv4_connections_too(stack):
+    # README: `::` for IPv6 and IPv4 (an empty LISTEN_HOST binds both families separately).
+    relay = stack.relay(stack.sink().port, wait=False, LISTEN_HOST="::")
+    relay.wait_ready()  # over IPv4: 127.0.0.1
+    for host in ("127.0.0.1", "::1"):
+        with RawClient(relay.port, host=host) as c:
+            assert c.greeting[0] == 220, host
+            assert c.cmd("EHLO client.test")[0] == 250

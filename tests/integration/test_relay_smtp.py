@@ -438,3 +438,39 @@ def test_an_upstream_421_for_a_recipient_is_a_451_and_the_client_session_goes_on
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
         assert c.cmd("RCPT TO:<closing@example.com>")[0] == 250
         assert send_data(c, MSG)[0] == 250
+
+
+@pytest.mark.parametrize("mechanism", ["LOGIN", "PLAIN"])
+def test_an_auth_answer_longer_than_a_command_line_is_refused_500_not_an_internal_error(relay, mechanism):
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd(f"AUTH {mechanism}")[0] == 334
+        code, text = c.cmd(b"A" * 1100)
+        assert (code, text[:5]) == (500, "5.5.6"), (code, text)
+        assert c.cmd("NOOP")[0] == 250
+        assert c.auth_plain()[0] == 235  # the session goes on
+    assert relay.wait_for_log("event=command.refused", f"peer={peer}", "5.5.6"), relay.describe()
+    assert "internal.error" not in relay.stdout and "Traceback" not in relay.stdout + relay.stderr
+
+
+def _mail_line(length: int, size: bool = False) -> str:
+    suffix = "@example.com>" + (" SIZE=1000" if size else "")
+    return "MAIL FROM:<" + "a" * (length - len("MAIL FROM:<") - len(suffix)) + suffix
+
+
+def test_the_mail_command_line_limit_is_each_connections_own(relay):
+    # 512 bytes, plus 26 for SIZE= once the client said EHLO (RFC 1870); no other client can change it.
+    with RawClient(relay.port) as other:
+        for _ in range(30):
+            assert other.cmd("EHLO other.test")[0] == 250
+        with RawClient(relay.port) as c:
+            for _ in range(3):
+                assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd(_mail_line(900))[0] == 500
+            with RawClient(relay.port) as third:  # another client connecting changes nothing either
+                assert third.greeting[0] == 220
+                assert c.cmd(_mail_line(536, size=True))[0] == 250
+                assert c.cmd("RSET")[0] == 250
+                assert c.cmd(_mail_line(560, size=True))[0] == 500
