@@ -105,7 +105,6 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0
         self._tls_established = False
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
-        self._login_deadline = 0.0  # loop time by which the client must have logged in (0: not connected yet)
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -157,10 +156,6 @@ class RelaySMTP(SMTP):
         session = self.session
         assert isinstance(session, RelaySession)
         if first:
-            # A client must log in within TIMEOUT of connecting, whatever it sends meanwhile (NOOP, RSET, EHLO):
-            # else a few cheap connections could hold every MAX_CONNECTIONS slot without ever logging in.
-            self._login_deadline = self.loop.time() + self._timeout_duration
-            self._reset_timeout()
             self._registered = True
             self._tracker.opened(self)
             logs.event(logging.INFO, "connect", session=session.id, peer=session.peer_text)
@@ -467,8 +462,6 @@ class RelaySMTP(SMTP):
         stays, and when it fires early (the deadline moved on) it is set again for the rest.
         """
         deadline = self.loop.time() + (duration or self._timeout_duration)
-        if deadline > self._login_deadline > 0 and not self.session.authenticated:  # type: ignore[union-attr]
-            deadline = self._login_deadline
         self._idle_deadline = deadline
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > deadline:
@@ -492,14 +485,6 @@ class RelaySMTP(SMTP):
         if transport is not None and transport.is_closing():
             logs.event(logging.INFO, "timeout", **ids, reason="replies not read, connection aborted")
             _writable(transport).abort()
-            return
-        if (
-            isinstance(session, RelaySession)
-            and not session.authenticated
-            and self._idle_deadline >= self._login_deadline
-        ):
-            logs.event(logging.WARNING, "timeout", **ids, reason="not logged in within TIMEOUT of connecting")
-            self._close_with(replies.LOGIN_TIMEOUT)
             return
         if isinstance(session, RelaySession):
             logs.event(logging.INFO, "timeout", **ids)

@@ -15,7 +15,6 @@ class Logged(str):
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
-LOGIN_TIMEOUT = "421 4.7.0 Not logged in in time, closing connection"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed logins, try again later"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
