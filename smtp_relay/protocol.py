@@ -87,9 +87,10 @@ class ConnectionTracker(Protocol):
     def closed(self, protocol: RelaySMTP) -> None: ...
 
 
-# Refused commands a connection may send (syntax and sequence errors, commands before AUTH) before it is closed
-# with 421, as Postfix's smtpd_hard_error_limit (also 20). Policy refusals do not count.
-HARD_ERROR_LIMIT = 20
+# Refusals of one connection that are logged one by one (syntax and sequence errors, commands before AUTH; the
+# relay's policy decisions are always logged): after that only their number, in the `disconnect` line, so that a
+# client that keeps sending what is refused cannot flood the log.
+LOGGED_REFUSALS = 20
 
 
 class RelaySMTP(SMTP):
@@ -193,6 +194,7 @@ class RelaySMTP(SMTP):
                         peer=session.peer_text,
                         user=session.user,
                         messages=session.messages,
+                        refused=self._errors or None,
                         duration=f"{time.monotonic() - session.started:.3f}",
                     )
 
@@ -266,13 +268,8 @@ class RelaySMTP(SMTP):
             # accepted the message): say so; `_handle_client` ends the session quietly.
             logs.event(logging.INFO, "reply.lost", **self._ids(), reply=response[:64].decode("ascii", "replace"))
             raise ConnectionResetError("Connection lost")
-        if self._errors >= HARD_ERROR_LIMIT and not response.startswith(b"421"):
-            response += b"\r\n" + replies.TOO_MANY_ERRORS.encode()
-            logs.event(
-                logging.WARNING, "errors.limit", **self._ids(), errors=self._errors, reply=replies.TOO_MANY_ERRORS
-            )
         _writable(transport).write(response + b"\r\n")
-        if response.startswith(b"421") or b"\r\n421 " in response:  # RFC 5321 3.8: a 421 closes the connection
+        if response.startswith(b"421"):  # RFC 5321 3.8: a 421 closes the connection
             transport.close()
             return
         # asyncio's FlowControlMixin state, which typeshed leaves out.
@@ -423,12 +420,19 @@ class RelaySMTP(SMTP):
             return MISSING
 
     def refused(self, reply: str, **fields: str) -> None:
-        """Log a refusal the relay's own code did not log (the first HARD_ERROR_LIMIT of a connection), and
-        count it: a client that keeps sending what is refused is cut off (`push`), as Postfix's
-        smtpd_hard_error_limit does, so that it can neither flood the log nor hold its connection forever."""
+        """Log a refusal the relay's own code did not log: the first LOGGED_REFUSALS of a connection, then a
+        line saying the rest are only counted (in `disconnect`)."""
         self._errors += 1
-        if self._errors <= HARD_ERROR_LIMIT:
+        if self._errors <= LOGGED_REFUSALS:
             logs.event(logging.WARNING, "command.refused", **self._ids(), **fields, reply=reply)
+        elif self._errors == LOGGED_REFUSALS + 1:
+            logs.event(
+                logging.WARNING,
+                "command.refused",
+                **self._ids(),
+                reply=reply,
+                reason=f"more than {LOGGED_REFUSALS} refusals: the rest are counted in the disconnect line",
+            )
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         """The library's check, with the refusal logged and counted."""

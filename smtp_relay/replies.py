@@ -19,7 +19,6 @@ AUTH_LOCKED_OUT = "421 4.7.0 Too many failed logins, try again later"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
-TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TLS_ALREADY_ACTIVE = "503 5.5.1 TLS already active"
 
 # Envelope policy.

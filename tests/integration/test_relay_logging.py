@@ -230,5 +230,6 @@ def test_every_refusal_the_smtp_library_makes_is_logged_with_its_reply(stack, up
         ("data.refused", '"a l'),
     ], lines
     assert refused[0]["command"] == "MAIL" and refused[0]["reason"] == '"not authenticated"', refused[0]
-    assert all("level=WARNING" in line for line in lines if "refused" in line)
+    assert all("level=WARNING" in line for line in lines if ".refused " in line)
+    assert " refused=4 " in lines[-1], lines[-1]  # disconnect: the four command.refused
     assert not [m for m in upstream.messages if m.mail_from in ("big@example.com", "long@example.com")]
