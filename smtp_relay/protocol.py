@@ -106,6 +106,7 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0
         self._tls_established = False
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
+        self._hung_up = False  # the relay closed the connection after a 421
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -250,26 +251,28 @@ class RelaySMTP(SMTP):
         buffer is full, or the connection is closing or lost (it then raises, as in the library).
         """
         transport = self.transport
-        if transport is not None and transport.is_closing():
-            # Closed after a 421 (or by the client): commands it pipelined behind get no reply (and no log line).
-            raise ConnectionResetError("Connection closing")
+        gone = transport is None or transport.is_closing()
         if isinstance(status, str):
             if not self._raw_replies:
                 status = self._last_reply = replies.with_enhanced_code(status)
-            if status[0] in "45" and not isinstance(status, replies.Logged):
+            if status[0] in "45" and not gone and not isinstance(status, replies.Logged):
                 # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first, AUTH exchange): the
                 # relay's own are logged where they are decided.
                 self.refused(status)
             response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
-        if transport is None:
+        if transport is None or gone:
             # The client left while this reply was being made (say, right after its final dot, as the upstream
-            # accepted the message): say so; `_handle_client` ends the session quietly.
-            logs.event(logging.INFO, "reply.lost", **self._ids(), reply=response[:64].decode("ascii", "replace"))
+            # accepted the message): say so; `_handle_client` ends the session quietly. After the relay's own
+            # 421, commands the client pipelined behind it get no reply and no log line.
+            if not self._hung_up:
+                reply = response[:64].decode("ascii", "replace")
+                logs.event(logging.INFO, "reply.lost", **self._ids(), reply=reply)
             raise ConnectionResetError("Connection lost")
         _writable(transport).write(response + b"\r\n")
         if response.startswith(b"421"):  # RFC 5321 3.8: a 421 closes the connection
+            self._hung_up = True
             transport.close()
             return
         # asyncio's FlowControlMixin state, which typeshed leaves out.
@@ -511,6 +514,7 @@ class RelaySMTP(SMTP):
     def _close_with(self, reply: str) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        self._hung_up = True
         transport = _writable(self.transport)
         try:
             transport.write(reply.encode("ascii") + b"\r\n")
