@@ -9,10 +9,11 @@ import re
 import secrets
 import time
 import types
+from collections.abc import Coroutine
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody, Refusal, receive
@@ -106,7 +107,7 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0
         self._tls_established = False
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
-        self._hung_up = False  # the relay closed the connection after a 421
+        self._client_left = False  # the client closed its side (its replies can no longer be sent)
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -240,6 +241,7 @@ class RelaySMTP(SMTP):
         port scan) cancels it before that handler exists: the connection then stayed open until TIMEOUT. Replies
         already written are still sent before the close.
         """
+        self._client_left = True
         super().eof_received()
         return False
 
@@ -253,9 +255,10 @@ class RelaySMTP(SMTP):
         transport = self.transport
         gone = transport is None or transport.is_closing()
         if isinstance(status, str):
+            logged = isinstance(status, replies.Logged)  # the relay's own, or the upstream's: never rewritten
             if not self._raw_replies:
-                status = self._last_reply = replies.with_enhanced_code(status)
-            if status[0] in "45" and not gone and not isinstance(status, replies.Logged):
+                status = self._last_reply = status if logged else replies.with_enhanced_code(status)
+            if status[0] in "45" and not gone and not logged:
                 # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first, AUTH exchange): the
                 # relay's own are logged where they are decided.
                 self.refused(status)
@@ -264,15 +267,14 @@ class RelaySMTP(SMTP):
             response = status
         if transport is None or gone:
             # The client left while this reply was being made (say, right after its final dot, as the upstream
-            # accepted the message): say so; `_handle_client` ends the session quietly. After the relay's own
-            # 421, commands the client pipelined behind it get no reply and no log line.
-            if not self._hung_up:
+            # accepted the message): say so; `_handle_client` ends the session quietly. After the relay closed
+            # the connection itself (a 421, QUIT), commands the client pipelined behind get no reply and no line.
+            if transport is None or self._client_left:
                 reply = response[:64].decode("ascii", "replace")
                 logs.event(logging.INFO, "reply.lost", **self._ids(), reply=reply)
             raise ConnectionResetError("Connection lost")
         _writable(transport).write(response + b"\r\n")
         if response.startswith(b"421"):  # RFC 5321 3.8: a 421 closes the connection
-            self._hung_up = True
             transport.close()
             return
         # asyncio's FlowControlMixin state, which typeshed leaves out.
@@ -281,8 +283,24 @@ class RelaySMTP(SMTP):
         if self._draining and not self.in_transaction:
             self._close_with(replies.SHUTTING_DOWN)
 
+    def _call_handler_hook(self, command: str, *args: Any) -> Coroutine[Any, Any, Any]:
+        """The library's hook call (returned, not awaited here: no extra coroutine per command), refused once the
+        connection is closing: commands pipelined behind a 421 or QUIT are neither decided nor logged."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Connection closing")
+        return super()._call_handler_hook(command, *args)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        """As `_call_handler_hook`: no password is checked (nor counted) behind a 421 or QUIT."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Connection closing")
+        return super()._authenticate(mechanism, auth_data)
+
     async def smtp_EHLO(self, hostname: str) -> None:
-        self.command_size_limits.clear()  # each EHLO grows MAIL's limit by SIZE's 26 bytes: once is enough
+        if hostname:  # a bare EHLO is refused (501) and changes nothing
+            self.command_size_limits.clear()  # each EHLO grows MAIL's limit by SIZE's 26 bytes: once is enough
         # RFC 2034: the EHLO/HELO reply lines carry no enhanced status codes.
         self._raw_replies = True
         try:
@@ -418,9 +436,22 @@ class RelaySMTP(SMTP):
         line reader raises ValueError there, which the library would answer as an internal error."""
         try:
             return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
-        except ValueError:
+        except ValueError as error:
+            if "Separator is not found" in str(error):  # asyncio dropped what it had: the rest is still to come
+                await self._skip_line()
             await self.push(replies.AUTH_LINE_TOO_LONG)
             return MISSING
+
+    async def _skip_line(self) -> None:
+        """Read and drop the rest of an over-long line (bounded in time by the idle timeout)."""
+        while True:
+            try:
+                await self._reader.readuntil()
+                return
+            except asyncio.LimitOverrunError as more:
+                await self._reader.readexactly(more.consumed)
+            except asyncio.IncompleteReadError:
+                return
 
     def refused(self, reply: str, **fields: str) -> None:
         """Log a refusal the relay's own code did not log: the first LOGGED_REFUSALS of a connection, then a
@@ -514,7 +545,6 @@ class RelaySMTP(SMTP):
     def _close_with(self, reply: str) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self._hung_up = True
         transport = _writable(self.transport)
         try:
             transport.write(reply.encode("ascii") + b"\r\n")

@@ -244,6 +244,7 @@ def test_starttls_inside_tls_is_refused_and_the_session_goes_on(stack, upstream,
         MAX_CONNECTIONS="1",
     )
     with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.starttls(tls.client_ctx(), server_hostname="localhost")[0] == 220
         assert "STARTTLS" not in c.cmd("EHLO client.test")[1]
@@ -253,7 +254,7 @@ def test_starttls_inside_tls_is_refused_and_the_session_goes_on(stack, upstream,
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
         assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
         assert send_data(c, MSG)[0] == 250
-    assert relay.wait_for_log("event=disconnect"), relay.describe()
+    assert relay.wait_for_log("event=disconnect", f"peer={peer}"), relay.describe()
     with RawClient(relay.port) as c:  # the only slot is free again
         assert c.greeting[0] == 220
     assert "Traceback" not in relay.stdout + relay.stderr

@@ -3,6 +3,7 @@ SMTP smuggling. One relay (plain listener, plain upstream) serves the whole modu
 
 from __future__ import annotations
 
+import base64
 import re
 import smtplib
 import time
@@ -477,3 +478,51 @@ def test_the_mail_command_line_limit_is_each_connections_own(relay):
                 assert c.cmd(_mail_line(536, size=True))[0] == 250
                 assert c.cmd("RSET")[0] == 250
                 assert c.cmd(_mail_line(560, size=True))[0] == 500
+
+
+def test_an_over_long_auth_answer_sent_in_pieces_gets_one_reply(relay):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH PLAIN")[0] == 334
+        c.send(b"A" * 3000)
+        time.sleep(0.3)  # the rest of the line comes later: it must not be read as commands
+        c.send(b"B" * 3000 + b"\r\nNOOP\r\n")
+        assert c.reply()[:2] == (500, "5.5.6 Authentication exchange line is too long")
+        assert c.reply()[0] == 250  # NOOP's, next in line
+        assert c.cmd("RSET")[0] == 250
+
+
+def test_nothing_is_decided_or_logged_for_commands_pipelined_behind_quit(relay, upstream):
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO client.test")[0] == 250
+        bad = base64.b64encode(b"\0relayuser\0wrong").decode()
+        c.send(f"QUIT\r\nAUTH PLAIN {bad}\r\nMAIL FROM:<x@evil.test>\r\n".encode())
+        assert c.reply()[0] == 221
+        assert c.closed_by_peer(5)
+    assert relay.wait_for_log("event=disconnect", f"peer={peer}"), relay.describe()
+    events = [ln.split("event=")[1].split()[0] for ln in relay.log_lines() if f"peer={peer}" in ln]
+    assert events == ["connect", "disconnect"], events
+
+
+def test_an_upstream_refusal_is_passed_on_as_it_came_and_logged_once(relay, upstream):
+    # Its text happens to be one aiosmtpd uses too: still the upstream's reply, not rewritten, one log line.
+    upstream.configure(refuse_rcpt={"gone@example.com": "553 5.1.3 Error: malformed address"})
+    with RawClient(relay.port) as c:
+        peer = f"127.0.0.1:{c.sock.getsockname()[1]}"
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<gone@example.com>")[0] == 250
+        assert send_data(c, MSG) == (553, "5.1.3 Error: malformed address")
+    assert relay.wait_for_log("event=forward.failed", f"peer={peer}"), relay.describe()
+    lines = [ln for ln in relay.log_lines() if f"peer={peer}" in ln]
+    assert not [ln for ln in lines if "event=command.refused" in ln], lines
+
+
+def test_a_bare_ehlo_is_refused_and_changes_no_limit(relay):
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("EHLO")[0] == 501
+        assert c.cmd(_mail_line(530, size=True))[0] == 250  # over 512, within 512 + 26 for SIZE=
