@@ -67,6 +67,8 @@ def main() -> int:
         while relay.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (make passes its own on) must not cut this short
+            signal.signal(sig, signal.SIG_IGN)
         relay.send_signal(signal.SIGTERM)
         try:
             relay.wait(timeout=15)
