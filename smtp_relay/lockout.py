@@ -31,8 +31,6 @@ class FailureStore(Protocol):
 
     def get(self, address: str) -> Record | None: ...
 
-    def peek(self, address: str) -> Record | None: ...
-
     def put(self, address: str, record: Record) -> None: ...
 
     def delete(self, address: str) -> None: ...
@@ -68,12 +66,12 @@ class LoginThrottle:
         """Seconds this address stays locked out; 0 when it may try to log in. Advice, read without the lock:
         `attempt` decides."""
         now = self._clock()
-        record = self._current(self._store.peek(address), now)
+        record = self._current(self._store.get(address), now)
         return 0.0 if record is None else max(0.0, record.locked_until - now)
 
     def delay(self, address: str) -> float:
         """How long to wait before answering this address's next AUTH: grows with its failures."""
-        record = self._current(self._store.peek(address), self._clock())
+        record = self._current(self._store.get(address), self._clock())
         return 0.0 if record is None else min(MAX_DELAY, DELAY_STEP * record.failures)
 
     def attempt(self, address: str, credentials_ok: Callable[[], bool]) -> Outcome:

@@ -83,6 +83,11 @@ class RelayEnvelope(Envelope):
         self.body: MessageBody | None = None
 
 
+def _command_size_limits() -> collections.defaultdict[str, int]:
+    """A connection's own command line limits (aiosmtpd keeps one table on the class, shared by all of them)."""
+    return collections.defaultdict(lambda: SMTP.command_size_limit)
+
+
 class ConnectionTracker(Protocol):
     def opened(self, protocol: RelaySMTP) -> None: ...
     def closed(self, protocol: RelaySMTP) -> None: ...
@@ -110,7 +115,7 @@ class RelaySMTP(SMTP):
         self._client_left = False  # the client closed its side (its replies can no longer be sent)
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.command_size_limits = _command_size_limits()
 
     def spawn(self) -> RelaySMTP:
         """A protocol for one new connection, made from this one (a template that never sees a connection).
@@ -134,7 +139,7 @@ class RelaySMTP(SMTP):
         clone._auth_methods = {
             name: attr._replace(method=_rebind(attr.method, self, clone)) for name, attr in self._auth_methods.items()
         }
-        clone.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        clone.command_size_limits = _command_size_limits()
         return clone
 
     def _create_session(self) -> RelaySession:
@@ -253,7 +258,7 @@ class RelaySMTP(SMTP):
         buffer is full, or the connection is closing or lost (it then raises, as in the library).
         """
         transport = self.transport
-        gone = transport is None or transport.is_closing()
+        gone = self._closing()
         if isinstance(status, str):
             logged = isinstance(status, replies.Logged)  # the relay's own, or the upstream's: never rewritten
             if not self._raw_replies:
@@ -283,18 +288,21 @@ class RelaySMTP(SMTP):
         if self._draining and not self.in_transaction:
             self._close_with(replies.SHUTTING_DOWN)
 
+    def _closing(self) -> bool:
+        """The connection is closed or closing: by the client, or by the relay after a 421 or QUIT."""
+        transport = self.transport
+        return transport is None or transport.is_closing()
+
     def _call_handler_hook(self, command: str, *args: Any) -> Coroutine[Any, Any, Any]:
         """The library's hook call (returned, not awaited here: no extra coroutine per command), refused once the
         connection is closing: commands pipelined behind a 421 or QUIT are neither decided nor logged."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if self._closing():
             raise ConnectionResetError("Connection closing")
         return super()._call_handler_hook(command, *args)
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         """As `_call_handler_hook`: no password is checked (nor counted) behind a 421 or QUIT."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if self._closing():
             raise ConnectionResetError("Connection closing")
         return super()._authenticate(mechanism, auth_data)
 
@@ -472,7 +480,7 @@ class RelaySMTP(SMTP):
         """The library's check, with the refusal logged and counted."""
         assert self.session is not None
         if self._auth_required and not self.session.authenticated:
-            if self.transport is not None and not self.transport.is_closing():
+            if not self._closing():
                 self.refused(replies.AUTH_REQUIRED, command=caller_method, reason="not authenticated")
             await self.push(replies.Logged(replies.AUTH_REQUIRED))
             return True

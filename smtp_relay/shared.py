@@ -94,7 +94,7 @@ class FailureTable:
     which fixes Python's hash seed), in a bucket of WAYS slots. A new address takes its bucket's empty slot or
     the one with the oldest last failure, where a lockout counts as a failure at its end: an address that is
     locked out outlasts a flood of addresses that are not. Changes, and the reads they depend on, are made under
-    `lock()`; `peek()` reads without it, for advice only (how long to delay, whether to refuse early).
+    `lock()`; reads without it are for advice only (how long to delay, whether to refuse early).
     `shared=False`: for a relay of one process, which needs no lock.
     """
 
@@ -120,12 +120,7 @@ class FailureTable:
         return start + bucket.index(key) if key in bucket else -1
 
     def get(self, address: str) -> Record | None:
-        """The record of `address`, if any (the caller holds `lock()`)."""
-        slot = self._find(self._key(address))
-        return None if slot < 0 else Record(self._failures[slot], self._last[slot], self._until[slot])
-
-    def peek(self, address: str) -> Record | None:
-        """`get()` without the lock: the record may be half updated, but it is never another address's."""
+        """The record of `address`, if any. Without `lock()` it may be half updated, but never another address's."""
         key = self._key(address)
         slot = self._find(key)
         if slot < 0:
@@ -140,7 +135,7 @@ class FailureTable:
         if slot < 0:
             start = key % self._buckets * WAYS
             slot = min(range(start, start + WAYS), key=self._ends)
-            self._keys[slot] = 0  # while it changes hands, `peek()` finds it under neither address
+            self._keys[slot] = 0  # while it changes hands, `get()` finds it under neither address
         self._failures[slot], self._last[slot], self._until[slot] = record
         self._keys[slot] = key
 

@@ -53,6 +53,14 @@ def _wait(predicate, timeout: float = 10.0) -> bool:
     return wait_until(predicate, timeout, interval=0.05)
 
 
+def _two_workers(stack, **env: str):
+    """A relay of two workers in front of a fresh sink, once both run: (relay, sink, the workers' pids)."""
+    sink = stack.sink()
+    relay = stack.relay(sink.port, WORKERS="2", **env)
+    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    return relay, sink, _children(relay.proc.pid)
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -87,10 +95,7 @@ def test_workers_share_one_port_and_relay_every_message(stack):
 
 
 def test_sigterm_lets_each_worker_finish_its_transaction_and_the_relay_exits_0(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2", TIMEOUT="10")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    workers = _children(relay.proc.pid)
+    relay, sink, workers = _two_workers(stack, TIMEOUT="10")
     clients = [RawClient(relay.port) for _ in range(6)]
     for i, c in enumerate(clients):
         assert c.cmd("EHLO client.test")[0] == 250
@@ -113,10 +118,8 @@ def test_sigterm_lets_each_worker_finish_its_transaction_and_the_relay_exits_0(s
 
 
 def test_a_worker_that_dies_is_replaced_and_the_relay_keeps_serving(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    victim = _children(relay.proc.pid)[0]
+    relay, _, workers = _two_workers(stack)
+    victim = workers[0]
     os.kill(victim, signal.SIGKILL)
     line = relay.wait_for_log("event=worker.exited", f"pid={victim}", "exit_code=-9", timeout=10)
     assert line is not None and "level=ERROR" in line, relay.describe()
@@ -127,10 +130,7 @@ def test_a_worker_that_dies_is_replaced_and_the_relay_keeps_serving(stack):
 
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    workers = _children(relay.proc.pid)
+    relay, sink, workers = _two_workers(stack)
     with RawClient(relay.port) as busy:  # a transaction in progress when the supervisor dies
         assert busy.cmd("EHLO client.test")[0] == 250
         assert busy.cmd("AUTH PLAIN " + plain_b64(CLIENT_USER, CLIENT_PASSWORD))[0] == 235
@@ -175,10 +175,8 @@ def _fill(port: int, attempts: int) -> tuple[list[RawClient], list[RawClient]]:
 def test_connection_limit_is_the_total_over_all_workers_whichever_worker_holds_them(stack):
     # The kernel may hand every connection to one worker: that worker still takes all MAX_CONNECTIONS, and no
     # worker takes one more while the others hold the rest.
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2", MAX_CONNECTIONS="4")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    stopped = _children(relay.proc.pid)[0]
+    relay, _, workers = _two_workers(stack, MAX_CONNECTIONS="4")
+    stopped = workers[0]
     os.kill(stopped, signal.SIGSTOP)  # every connection now goes to the other worker
     try:
         served, refused = _fill(relay.port, 6)
@@ -203,10 +201,7 @@ def test_connection_limit_is_the_total_over_all_workers_whichever_worker_holds_t
 
 
 def test_connections_of_a_killed_worker_no_longer_count_against_the_limit(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2", MAX_CONNECTIONS="4")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    workers = _children(relay.proc.pid)
+    relay, _, workers = _two_workers(stack, MAX_CONNECTIONS="4")
     before = {pid: open_sockets(pid) for pid in workers}
     served, _ = _fill(relay.port, 4)
     assert len(served) == 4
@@ -229,9 +224,7 @@ def test_connections_of_a_killed_worker_no_longer_count_against_the_limit(stack)
 def test_failed_logins_are_counted_against_the_total_limit_over_all_workers(stack):
     # The workers count failed logins in one shared table: exactly AUTH_MAX_FAILURES wrong passwords are
     # answered 535, whichever workers saw them, and from then on every worker refuses the address.
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2", AUTH_MAX_FAILURES="4", AUTH_LOCKOUT_SECONDS="60")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    relay, _, _ = _two_workers(stack, AUTH_MAX_FAILURES="4", AUTH_LOCKOUT_SECONDS="60")
     codes = []
     for _ in range(10):
         with RawClient(relay.port) as c:
@@ -287,10 +280,8 @@ def test_sigterm_to_the_whole_process_group_drains_and_exits_0(tmp_path):
 
 
 def test_a_third_signal_kills_a_worker_that_cannot_stop(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    stuck = _children(relay.proc.pid)[0]
+    relay, _, workers = _two_workers(stack)
+    stuck = workers[0]
     os.kill(stuck, signal.SIGSTOP)  # its event loop cannot run: neither SIGTERM nor the forcing SIGUSR1 helps
     try:
         for _ in range(3):
@@ -348,9 +339,7 @@ def test_sigterm_right_after_start_stops_every_worker_and_exits_0(stack):
 
 
 def test_new_connections_are_refused_while_the_workers_drain(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2", TIMEOUT="10")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
+    relay, _, _ = _two_workers(stack, TIMEOUT="10")
     with RawClient(relay.port) as c:
         assert c.cmd("EHLO client.test")[0] == 250
         assert c.auth_plain()[0] == 235
@@ -368,10 +357,8 @@ def test_new_connections_are_refused_while_the_workers_drain(stack):
 def test_a_worker_that_keeps_dying_at_start_stops_the_relay_with_exit_1(stack):
     # No endless crash loop: after 5 quick deaths in a row the supervisor stops the rest (a container's restart
     # policy takes over).
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    first = set(_children(relay.proc.pid))
+    relay, _, workers = _two_workers(stack)
+    first = set(workers)
     killed: set[int] = set()
     deadline = time.monotonic() + 30
     while relay.returncode is None and time.monotonic() < deadline:
@@ -390,10 +377,7 @@ def test_a_worker_that_keeps_dying_at_start_stops_the_relay_with_exit_1(stack):
 
 
 def test_a_stray_orphan_signal_does_not_stop_a_worker_whose_supervisor_lives(stack):
-    sink = stack.sink()
-    relay = stack.relay(sink.port, WORKERS="2")
-    assert _wait(lambda: len(_children(relay.proc.pid)) == 2)
-    workers = _children(relay.proc.pid)
+    relay, _, workers = _two_workers(stack)
     for pid in workers:
         os.kill(pid, signal.SIGUSR2)  # what the kernel sends a worker when its supervisor dies
     time.sleep(1.5)  # past the watchdog's look at its supervisor
