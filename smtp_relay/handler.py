@@ -173,7 +173,7 @@ class RelayHandler:
             upstream_code=outcome.upstream_code,
             upstream_reply=outcome.upstream_text or None,
             reply=outcome.reply,
-            duration=f"{outcome.duration:.3f}",
+            duration=round(outcome.duration, 3),
         )
         if outcome.delivered:
             logs.event(logging.INFO, "forward.delivered", **fields)

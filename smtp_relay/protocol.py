@@ -202,7 +202,7 @@ class RelaySMTP(SMTP):
                         user=session.user,
                         messages=session.messages,
                         refused=self._errors or None,
-                        duration=f"{time.monotonic() - session.started:.3f}",
+                        duration=round(time.monotonic() - session.started, 3),
                     )
 
     async def _handle_client(self) -> None:
@@ -571,7 +571,13 @@ class RefuseProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = _writable(transport)
         peer = transport.get_extra_info("peername")
-        logs.event(logging.WARNING, "connect.refused", peer=logs.peer_text(peer), reason="MAX_CONNECTIONS reached")
+        logs.event(
+            logging.WARNING,
+            "connect.refused",
+            session=secrets.token_hex(5),  # every connection has an id, refused ones too
+            peer=logs.peer_text(peer),
+            reason="MAX_CONNECTIONS reached",
+        )
         transport.write(replies.TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
         transport.close()
 

@@ -56,7 +56,8 @@ def test_healthcheck_of_a_relay_with_every_connection_in_use_is_healthy(stack):
         code, err, elapsed = _healthcheck(relay.env)
         assert (code, err) == (0, ""), err
         assert elapsed < FAST
-    assert relay.wait_for_log("event=connect.refused", 'reason="MAX_CONNECTIONS reached"')
+    refused = relay.wait_for_log("event=connect.refused", 'reason="MAX_CONNECTIONS reached"')
+    assert refused and re.search(r" session=[0-9a-f]{10} peer=127\.0\.0\.1:\d+ ", refused), refused
 
 
 def test_healthcheck_when_the_relay_is_down_exits_1_with_one_line_why(tmp_path):

@@ -195,6 +195,13 @@ def test_json_log_format_writes_one_json_object_per_line(relays):
     session_docs = [d for d in docs if peer in json.dumps(d)]
     assert any(CLIENT_USER in json.dumps(d) for d in session_docs), session_docs
     assert all(isinstance(d, dict) for d in docs)
+    # numbers stay numbers, so that a log pipeline can sum and compare them
+    delivered = [d for d in session_docs if d["event"] == "forward.delivered"]
+    closed = [d for d in session_docs if d["event"] == "disconnect"]
+    assert delivered and closed, session_docs
+    for doc in delivered + closed:
+        assert isinstance(doc["duration"], float) and doc["duration"] >= 0, doc
+    assert isinstance(delivered[0]["size"], int) and isinstance(delivered[0]["recipients"], int), delivered
     assert CLIENT_PASSWORD not in relay.all_output()
     file_lines = [ln for ln in relay.log_file.splitlines() if ln.strip()]
     assert file_lines and all(json.loads(ln) for ln in file_lines)
