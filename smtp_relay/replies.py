@@ -49,6 +49,7 @@ UPSTREAM_SESSION_REFUSED = "451 4.4.0 Upstream server refused the relay's sessio
 UPSTREAM_AUTH_FAILED = "451 4.7.0 Upstream authentication failed, try again later"
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_UPSTREAM_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: |$)")
 
 # aiosmtpd's own replies carry no enhanced status code; once ENHANCEDSTATUSCODES is advertised every
 # reply but the greeting and EHLO/HELO must (RFC 2034), so they are mapped here by their text.
@@ -107,7 +108,10 @@ def upstream_reply(code: int, text: str) -> str:
     text = "".join(ch for ch in text if 32 <= ord(ch) < 127)[:400]
     if not 400 <= code < 600 or code == 421:
         code = 451
-    if _ENHANCED.match(f"{code} {text}"):
+    enhanced = _UPSTREAM_ENHANCED.match(text)
+    if enhanced and enhanced[1] == str(code)[0]:
         return f"{code} {text}"
+    if enhanced:  # of another class (RFC 3463 3: it must match the reply's): say ours, keep the upstream's text
+        text = text[enhanced.end() :].lstrip() or "Upstream error"
     detail = "4.4.0" if code < 500 else "5.0.0"
     return f"{code} {detail} Upstream: {text}"

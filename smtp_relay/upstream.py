@@ -376,12 +376,12 @@ class _Dialogue:
 
     @staticmethod
     def _check_mail(response: SMTPResponse, mail_from: str) -> None:
-        if response.code != 250:
+        if not 200 <= response.code < 300:
             raise SMTPSenderRefused(response.code, response.message, mail_from)
 
     @staticmethod
     def _check_rcpt(response: SMTPResponse, rcpt: str) -> None:
-        if response.code not in (250, 251):
+        if not 200 <= response.code < 300:
             raise SMTPRecipientRefused(response.code, response.message, rcpt)
 
     def _check_data(self, response: SMTPResponse) -> None:
@@ -446,9 +446,18 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
                 await _drained_or_answered(protocol, seconds)
             _stop_if_answered(client, protocol)
         _stop_if_answered(client, protocol)
-        # Part of a reply already here came before the end of data: the reply it starts is no verdict on the whole
-        # message, and the upstream's reply to the final dot is still to come, so the session is out of step.
-        early = bool(protocol._buffer)
+        if protocol._buffer:
+            # A reply came before the end of data: it is no verdict on the whole message, and the session is out
+            # of step. The final dot is not sent (the upstream must not take a message it may have answered
+            # early); closing the session ends the transaction with nothing delivered.
+            client.close()
+            try:
+                early = protocol._read_response_from_buffer()
+            except SMTPResponseException:  # malformed
+                early = None
+            if early is not None and early.code >= 400:  # a refusal: its verdict stands
+                raise SMTPDataError(early.code, early.message)
+            raise SMTPDataError(-1, "the upstream replied before the end of data")
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
@@ -460,9 +469,7 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         raise
     finally:
         protocol._response_pending = False
-    if early:  # never reused (see `_transaction`); a 250 before the end is no delivery either
-        raise SMTPDataError(response.code if response.code != 250 else -1, response.message)
-    if response.code != 250:
+    if not 200 <= response.code < 300:  # any positive completion reply means the upstream took the message
         # A refusal of a message that went out in one write is the reply to its end: the session stays in step
         # and is kept. One of a streamed message may have been sent early (uvloop writes without yielding, so
         # it shows only now), with the reply to the end still to come: that session is not reused.

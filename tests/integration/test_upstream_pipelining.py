@@ -304,3 +304,32 @@ def test_the_upstream_client_does_not_reuse_a_session_that_refused_before_the_en
     assert results[0][0] is False and results[0][1].startswith("552")
     assert [r[0] for r in results[1:]] == [True, True], results
     assert server.sessions == 2
+
+
+@pytest.mark.parametrize("final", [b"252 2.0.0 accepted", b"250-2.0.0 queued\r\n251 2.0.0 as 4Xk"])
+def test_any_positive_reply_to_the_end_of_data_is_a_delivery(stack, final):
+    # RFC 5321 4.2.1: a 2yz reply is positive completion. Telling the client 451 for a message the upstream
+    # took would have it send the message again, and again at every retry.
+    with ScriptedUpstream(Script(end_of_data=final)) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for n in range(2):
+            stage, code, text = transaction(relay.port, "sender@example.com", [f"to{n}@example.com"], MSG)
+            assert (stage, code) == ("DATA", 250), text
+        assert [m[1] for m in upstream.messages] == [["to0@example.com"], ["to1@example.com"]]
+        assert upstream.sessions == 1
+        assert relay.wait_for_log("event=forward.delivered", f"upstream_code={int(final.splitlines()[-1][:3])}")
+
+
+@pytest.mark.parametrize("early", [b"250 2.0.0 early", b"552 5.3.4 too big, said early"])
+def test_a_reply_before_the_end_of_data_stops_the_message_before_its_final_dot(stack, early):
+    # An upstream that answers before it has the whole message is out of step: whatever it said, the final dot
+    # must not follow (the upstream would take the message while the client is told to try again).
+    with ScriptedUpstream(Script(data=b"354 go\r\n" + early)) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
+        assert stage == "DATA" and code == (451 if early.startswith(b"2") else 552), (code, text)
+        assert f"{code // 100}." == text[:2], text  # an enhanced code of the reply's class
+        deadline = time.monotonic() + 5
+        while upstream.aborted_data < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstream.messages == [] and upstream.aborted_data == 1

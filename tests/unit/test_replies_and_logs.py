@@ -40,6 +40,16 @@ def test_upstream_replies_are_one_safe_line_of_an_error_class(code: int, text: s
     if 400 <= code < 600 and code != 421:
         assert line.startswith(str(code))
     assert not line.startswith("421")  # that would say the relay closes the client's connection
+    assert REPLY.match(line) and line[0] == line[4], line  # an enhanced code of the reply's own class
+
+
+def test_an_upstream_enhanced_code_of_another_class_is_replaced() -> None:
+    # An upstream that accepted (2.0.0) or a refusal made transient: RFC 3463 wants the classes to agree.
+    assert replies.upstream_reply(451, "2.0.0 accepted") == "451 4.4.0 Upstream: accepted"
+    assert replies.upstream_reply(252, "2.1.5 ok") == "451 4.4.0 Upstream: ok"
+    assert replies.upstream_reply(421, "4.3.2 shutting down") == "451 4.3.2 shutting down"
+    assert replies.upstream_reply(550, "5.1.1 no such user") == "550 5.1.1 no such user"
+    assert replies.upstream_reply(554, "4.7.1 later") == "554 5.0.0 Upstream: later"
 
 
 @given(st.text(max_size=60))
