@@ -130,16 +130,6 @@ class RelayHandler:
     async def handle_DATA(self, server: RelaySMTP, session: RelaySession, envelope: RelayEnvelope) -> str:
         session.messages += 1
         ids = _ids(session, message=session.messages)
-        if envelope.refused_recipients:
-            logs.event(
-                logging.WARNING,
-                "message.refused",
-                **ids,
-                sender=envelope.mail_from,
-                refused=",".join(envelope.refused_recipients),
-                reason="a recipient was refused",
-            )
-            return replies.Logged(replies.MESSAGE_HAD_REFUSED_RECIPIENTS)
         assert envelope.mail_from is not None and envelope.body is not None
         header = self._received_header(server, session)
         eight_bit = "BODY=8BITMIME" in envelope.mail_options

@@ -80,6 +80,9 @@ class RelayEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.refused_recipients: list[str] = []
+        # Commands of this transaction refused before they could be read (non-ASCII, over-long): each may have
+        # been a recipient, so they refuse the message as a refused recipient does.
+        self.unread_commands = 0
         self.body: MessageBody | None = None
 
 
@@ -97,6 +100,8 @@ class ConnectionTracker(Protocol):
 # relay's policy decisions are always logged): after that only their number, in the `disconnect` line, so that a
 # client that keeps sending what is refused cannot flood the log.
 LOGGED_REFUSALS = 20
+# aiosmtpd's refusals of a command line it could not read: it never learnt which command it was.
+_UNREAD_COMMAND_REPLIES = frozenset({"500 Error: strict ASCII mode", "500 Command line too long"})
 
 
 class RelaySMTP(SMTP):
@@ -261,12 +266,16 @@ class RelaySMTP(SMTP):
         gone = self._closing()
         if isinstance(status, str):
             logged = isinstance(status, replies.Logged)  # the relay's own, or the upstream's: never rewritten
+            library = status
             if not self._raw_replies:
                 status = self._last_reply = status if logged else replies.with_enhanced_code(status)
             if status[0] in "45" and not gone and not logged:
                 # One of aiosmtpd's own refusals (syntax, sequence, SIZE, STARTTLS first, AUTH exchange): the
                 # relay's own are logged where they are decided.
                 self.refused(status)
+                envelope = self.envelope
+                if library in _UNREAD_COMMAND_REPLIES and isinstance(envelope, RelayEnvelope) and envelope.mail_from:
+                    envelope.unread_commands += 1
             response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
@@ -396,6 +405,13 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        if envelope.refused_recipients or envelope.unread_commands:
+            # A message goes to all its recipients or to none: refused here, before its body is sent for nothing.
+            # The transaction ends, as after a refusal at the end of data.
+            self._log_message_refused(envelope)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(replies.Logged(replies.MESSAGE_HAD_REFUSED_RECIPIENTS))
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
         try:
@@ -421,6 +437,21 @@ class RelaySMTP(SMTP):
             body.close()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    def _log_message_refused(self, envelope: RelayEnvelope) -> None:
+        session = self.session
+        assert isinstance(session, RelaySession)
+        session.messages += 1
+        logs.event(
+            logging.WARNING,
+            "message.refused",
+            **self._ids(),
+            message=session.messages,
+            sender=envelope.mail_from,
+            refused=",".join(envelope.refused_recipients) or None,
+            unread_commands=envelope.unread_commands or None,
+            reason="a recipient was refused" if envelope.refused_recipients else "a command could not be read",
+        )
 
     def _refusal_reply(self, body: MessageBody) -> str:
         if body.refusal is Refusal.TOO_BIG:

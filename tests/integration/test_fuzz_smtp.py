@@ -32,6 +32,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 STEPS = int(os.environ.get("FUZZ_STEPS", "30"))
 MAX_SIZE = 4096
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*$")
+UNREAD = ("strict ASCII", "Command line too long")  # refusals of a line the relay could not read
 SENDER_DOMAINS = {"example.com"}
 RCPT_DOMAINS = {"example.com", "example.org"}
 
@@ -112,6 +113,7 @@ class Conn:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
         self.closed = False
+        self.last = ""  # the text of the last reply read
         code, _ = self.reply()
         assert code == 220
 
@@ -142,7 +144,8 @@ class Conn:
             assert not lines or m.group(1) == lines[0][:3], f"code changed inside a multi-line reply: {lines} {line!r}"
             lines.append(line)
             if m.group(2) == b" ":
-                return int(m.group(1)), b"\n".join(lines).decode("utf-8", "replace")
+                self.last = b"\n".join(lines).decode("utf-8", "replace")
+                return int(m.group(1)), self.last
 
     def cmd(self, line: bytes | str) -> tuple[int, str]:
         if isinstance(line, str):
@@ -176,6 +179,9 @@ class RelayFuzz(RuleBasedStateMachine):
         self.sender, self.rcpts, self.refused = None, [], 0
 
     def _check(self, code: int) -> None:
+        if self.sender is not None and any(t in self.conn.last for t in UNREAD):
+            self.refused += 1  # a line the relay could not read may have been a recipient: the message is refused
+        self.conn.last = ""
         if code == 0 or self.conn.closed:
             self.conn.close()
             self.connect()
@@ -263,14 +269,18 @@ class RelayFuzz(RuleBasedStateMachine):
 
     def _note_refusal(self, code: int, text: str) -> None:
         """Any 5xx to a RCPT the protocol dispatched (policy or syntax) refuses the whole message; lines refused
-        before dispatch (not ASCII, too long, bad syntax) never were a RCPT command."""
-        before_dispatch = ("strict ASCII", "too long", "bad syntax")
+        before dispatch are counted by `_check` (not ASCII, too long) or never were a RCPT command (bad syntax)."""
+        before_dispatch = (*UNREAD, "bad syntax")
         if code // 100 == 5 and self.sender is not None and not any(t in text for t in before_dispatch):
             self.refused += 1
 
     @rule(lines=body_lines)
     def data(self, lines: list[str]) -> None:
         code, _ = self.conn.cmd("DATA")
+        if self.authed and self.sender is not None and self.rcpts and self.refused:
+            assert code == 554, f"DATA after a refused recipient got {code}, not 554 at once"
+        if code == 554:
+            self._fresh_transaction()  # the transaction ended there
         if code != 354:
             assert code != 250
             self._check(code)

@@ -139,6 +139,58 @@ def test_disallowed_recipient_rejects_whole_message(relay, upstream):
     assert _nothing_forwarded(upstream)
 
 
+def test_message_with_a_refused_recipient_is_refused_at_the_data_command_and_the_transaction_ends(relay, upstream):
+    # "refused at DATA": the client is not asked for a body that would be thrown away. The transaction is over,
+    # so the next MAIL needs no RSET (smtplib's sendmail sends none after a refused DATA).
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<bad@elsewhere.test>")[0] == 550
+        code, text = c.cmd("DATA")
+        assert code == 554 and text.startswith("5.7.1"), (code, text)
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+    assert [m.rcpt_tos for m in upstream.wait_for_messages(1)] == [["good@example.com"]]
+    line = relay.wait_for_log("event=message.refused", "refused=bad@elsewhere.test")
+    assert line is not None and 'reason="a recipient was refused"' in line, relay.describe()
+
+
+@pytest.mark.parametrize(
+    "unread",
+    [
+        "RCPT TO:<c@ex\u00e4mple.com>".encode().decode("unicode_escape").encode("utf-8"),  # non-ASCII: 500
+        b"RCPT TO:<" + b"x" * 600 + b"@example.com>",  # over the command line limit: 500
+    ],
+    ids=["non-ascii", "too-long"],
+)
+def test_a_recipient_the_relay_could_not_read_also_refuses_the_whole_message(relay, upstream, unread):
+    # aiosmtpd refuses such a line before it knows its command: it may have been a recipient, so the message,
+    # which would otherwise go to the other recipients only, is refused as a whole.
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        code, text = c.cmd(unread)
+        assert code == 500, (code, text)
+        code, text = send_data(c, MSG)
+        assert code == 554 and text.startswith("5.7.1"), (code, text)
+        # Outside a transaction the same line refuses nothing to come.
+        code, text = c.cmd(unread)
+        assert code == 500, (code, text)
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
+        assert send_data(c, MSG)[0] == 250
+    assert len(upstream.wait_for_messages(1)) == 1
+    time.sleep(0.2)
+    assert len(upstream.messages) == 1  # the second transaction's only
+    line = relay.wait_for_log("event=message.refused", "unread_commands=1")
+    assert line is not None and 'reason="a command could not be read"' in line, relay.describe()
+
+
 def test_disallowed_recipient_rejects_whole_message_with_smtplib_sendmail(relay, upstream):
     smtp = authed(relay.port)
     try:
