@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasGenerator, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from smtp_relay.policy import DomainAllowlist, PolicyError, RelayPolicy
@@ -17,8 +19,52 @@ DEFAULT_PASSWORD = "password"
 MAX_WORKERS = 64
 _MASK = "********"
 
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _boolean(value: Any) -> Any:
+    """The documented spellings only, in any case: pydantic would also take t/f/y/n, and `RELAY_TLS_VERIFY=n`
+    should not turn verification off by a typo."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError("must be true/false, 1/0, yes/no or on/off")
+
+
+def _host(value: Any) -> Any:
+    """A host name or an IP address: nothing that could break a log line, an error message or a command."""
+    if not isinstance(value, str) or not value:
+        return value
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("must be a host name (international names in their xn-- form) or an IP address")
+    return value
+
+
+def _utf8(value: Any) -> Any:
+    """Secrets go on the wire as UTF-8 (AUTH PLAIN); an environment value that is not UTF-8 cannot."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be UTF-8 text") from None
+    return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 DomainList = Annotated[tuple[str, ...], NoDecode]
+Boolean = Annotated[bool, BeforeValidator(_boolean)]
+Host = Annotated[str, BeforeValidator(_host)]
+Secret = Annotated[SecretStr, BeforeValidator(_utf8)]
 
 
 class ConfigError(Exception):
@@ -30,28 +76,37 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    """Every setting of the relay; field names are the environment variables in lower case."""
+    """Every setting of the relay; field names are the environment variables in lower case.
 
-    model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="ignore", env_file=None)
+    Only the exact (upper-case) names are read: `use_tls` or `Relay_Host` in the environment change nothing.
+    """
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        case_sensitive=True,
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+        extra="ignore",
+        env_file=None,
+    )
 
     smtp_auth_username: str = Field("user", min_length=1)
-    smtp_auth_password: SecretStr = SecretStr(DEFAULT_PASSWORD)
+    smtp_auth_password: Secret = SecretStr(DEFAULT_PASSWORD)
     smtp_auth_password_file: Path | None = None
     allowed_from_domains: DomainList = ("example.com",)
     allowed_to_domains: DomainList = ("example.com",)
-    listen_host: str = "0.0.0.0"
+    listen_host: Host = "0.0.0.0"
     listen_port: Port = 1025
-    use_tls: bool = False
+    use_tls: Boolean = False
     tls_cert_file: Path = Path("/etc/certs/server.crt")
     tls_key_file: Path = Path("/etc/certs/server.key")
-    relay_host: str = Field("smtp.example.com", min_length=1)
+    relay_host: Host = Field("smtp.example.com", min_length=1)
     relay_port: Port = 25
-    relay_use_tls: bool = True
-    relay_use_ssl: bool = False
+    relay_use_tls: Boolean = True
+    relay_use_ssl: Boolean = False
     relay_username: str = ""
-    relay_password: SecretStr = SecretStr("")
+    relay_password: Secret = SecretStr("")
     relay_password_file: Path | None = None
-    relay_tls_verify: bool = True
+    relay_tls_verify: Boolean = True
     relay_tls_ca_file: Path | None = None
     max_connections: int = Field(50, ge=1, le=100_000)
     timeout: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
@@ -236,7 +291,7 @@ def load_settings() -> Settings:
         error = exc.errors()[0]
         variable = str(error["loc"][0]).upper() if error["loc"] else "configuration"
         message = str(error["msg"]).removeprefix("Value error, ")
-        given = os.environ.get(variable, os.environ.get(variable.lower()))
+        given = os.environ.get(variable)
         if given is not None and "secret" not in error["type"] and "PASSWORD" not in variable:
             message += f" (got {given!r})"
         raise ConfigError(variable, message) from None

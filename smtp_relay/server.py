@@ -27,9 +27,15 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
+        # The certificate alone first, so that an error names the file at fault.
+        ssl.create_default_context(cafile=str(settings.tls_cert_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("TLS_CERT_FILE", f"cannot load a PEM certificate: {exc}") from None
+    try:
         context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("TLS_CERT_FILE", f"cannot load certificate/key: {exc}") from None
+        problem = "does not match TLS_CERT_FILE" if "KEY_VALUES_MISMATCH" in str(exc) else "cannot load"
+        raise ConfigError("TLS_KEY_FILE", f"{problem}: {exc}") from None
     return context
 
 

@@ -132,7 +132,31 @@ def test_check_config_finds_a_certificate_that_does_not_match_its_key(tmp_path, 
     env = {**_base(tmp_path), "USE_TLS": "true", "TLS_CERT_FILE": str(tls.cert_pem), "TLS_KEY_FILE": str(other_key)}
     out = run_cli(["--check-config"], env, timeout=10)
     assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    assert out.stderr.startswith("smtp-relay: configuration error: TLS_CERT_FILE"), out.stderr
+    assert out.stderr.startswith("smtp-relay: configuration error: TLS_KEY_FILE: does not match TLS_CERT_FILE")
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["start", "check-config"])
+@pytest.mark.parametrize("bad", ["TLS_CERT_FILE", "TLS_KEY_FILE"])
+def test_a_file_that_is_not_pem_is_named_in_the_error(tmp_path, tls, bad, check):
+    files = {"TLS_CERT_FILE": str(tls.cert_pem), "TLS_KEY_FILE": str(tls.key_pem), bad: _not_pem(tmp_path)}
+    env = {**_base(tmp_path), "USE_TLS": "true", **files}
+    out = run_cli(["--check-config"], env, timeout=10) if check else _run_invalid(env)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"smtp-relay: configuration error: {bad}: "), out.stderr
+
+
+def test_a_password_that_is_not_utf8_exits_2_without_a_traceback(tmp_path):
+    # os.environ shows a byte that is not UTF-8 as a lone surrogate; subprocess passes it back as that byte.
+    for env in (
+        {**_base(tmp_path), "SMTP_AUTH_PASSWORD": "pa\udcffss"},
+        {**_base(tmp_path), "RELAY_USERNAME": "relay", "RELAY_PASSWORD": "pa\udcffss"},
+    ):
+        for args in ([], ["--check-config"]):
+            out = run_cli(args, env, timeout=10)
+            assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and "PASSWORD: must be UTF-8 text" in lines[0], out.stderr
 
 
 def test_invalid_configuration_with_check_config_also_exits_2(tmp_path):

@@ -46,6 +46,67 @@ def test_false_booleans_in_any_case(monkeypatch: pytest.MonkeyPatch, text: str) 
     assert load_settings().relay_use_tls is False
 
 
+@pytest.mark.parametrize("text", ["t", "f", "y", "n", "2", "truthy", "enabled", ""])
+def test_only_the_documented_boolean_spellings_are_taken(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    # pydantic alone takes t/f/y/n: RELAY_TLS_VERIFY=n would turn certificate checks off by a typo.
+    monkeypatch.setenv("RELAY_TLS_VERIFY", text)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "RELAY_TLS_VERIFY" and "true/false" in str(err.value)
+
+
+def test_only_the_exact_upper_case_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("use_tls", "maybe")
+    monkeypatch.setenv("Relay_Host", "evil.test")
+    monkeypatch.setenv("relay_tls_verify", "false")
+    s = load_settings()
+    assert (s.use_tls, s.relay_host, s.relay_tls_verify) == (False, "smtp.example.com", True)
+    monkeypatch.setenv("RELAY_HOST", "mail.example.net")
+    assert load_settings().relay_host == "mail.example.net"
+
+
+@pytest.mark.parametrize(
+    "host", ["smtp.example.com", "smtp.example.com.", "mx_1.internal", "192.0.2.7", "::1", "localhost"]
+)
+def test_host_names_and_addresses_are_taken(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.setenv("RELAY_HOST", f" {host} ")
+    assert load_settings().relay_host == host
+
+
+@pytest.mark.parametrize(
+    ("variable", "host"),
+    [
+        ("RELAY_HOST", "smtp\nexample.com"),
+        ("RELAY_HOST", "smtp example.com"),
+        ("RELAY_HOST", "[::1]"),
+        ("RELAY_HOST", "smtp..example.com"),
+        ("RELAY_HOST", "-smtp.example.com"),
+        ("RELAY_HOST", "x" * 64 + ".example.com"),
+        ("LISTEN_HOST", "127.0.0.1\nfoo"),
+        ("LISTEN_HOST", "127.0.0.1:25"),
+    ],
+)
+def test_anything_else_as_a_host_is_refused_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, host: str
+) -> None:
+    monkeypatch.setenv(variable, host)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == variable and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("variable", ["SMTP_AUTH_PASSWORD", "RELAY_PASSWORD"])
+def test_a_secret_that_is_not_utf8_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv("RELAY_USERNAME", "relay")
+    monkeypatch.setenv("RELAY_PASSWORD", "fine")
+    monkeypatch.setenv(variable, "pa\udcffss-secret")  # how Python shows the byte 0xff of a non-UTF-8 environment
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == variable and "secret" not in str(err.value)
+
+
 def test_domain_lists_split_on_commas_and_ignore_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOWED_TO_DOMAINS", " a.com , *.b.org,c.net ,")
     assert load_settings().allowed_to_domains == ("a.com", "*.b.org", "c.net")
