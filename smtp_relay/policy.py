@@ -6,6 +6,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import idna
+
 WILDCARD = "*"
 
 
@@ -37,7 +39,9 @@ def normalize_domain(domain: str) -> str | None:
     """Canonical ASCII form of a domain (lower case, A-labels, no trailing dot); None if not a domain.
 
     Both U-labels (bücher.example) and A-labels (xn--bcher-kva.example) map to the same form, so
-    either spelling in a list matches either spelling in an address.
+    either spelling in a list matches either spelling in an address. IDNA 2008 with UTS 46 mapping, without its
+    transitional rules (as browsers and registries do): faß.de is xn--fa-hia.de, a domain of its own, not fass.de,
+    which Python's built-in IDNA 2003 codec would make of it.
     """
     domain = domain.strip()
     if domain.endswith("."):
@@ -52,14 +56,14 @@ def normalize_domain(domain: str) -> str | None:
             ascii_label = label.lower()
         else:
             try:
-                ascii_label = label.encode("idna").decode("ascii").lower()
-            except UnicodeError:
+                ascii_label = idna.encode(label, uts46=True, transitional=False).decode("ascii")
+            except UnicodeError:  # idna.IDNAError is one
                 return None
         if len(ascii_label) > 63 or not _is_ldh(ascii_label):
             return None
         if ascii_label.startswith("xn--"):
             try:
-                ascii_label.encode("ascii").decode("idna")
+                idna.decode(ascii_label)
             except UnicodeError:
                 return None
         labels.append(ascii_label)

@@ -57,6 +57,18 @@ def test_internationalised_domains_match_in_either_form() -> None:
     assert check_address("a@BÜCHER.example", allow("bücher.example")).allowed
 
 
+def test_internationalised_domains_follow_idna_2008_not_the_old_ss_mapping() -> None:
+    # IDNA 2003 (Python's "idna" codec) made faß.de into fass.de: another, separately registered domain.
+    listed = allow("faß.de")
+    assert check_address("a@xn--fa-hia.de", listed).allowed
+    assert check_address("a@faß.de", listed).allowed
+    assert not check_address("a@fass.de", listed).allowed
+    assert check_address("a@faß.de", allow("xn--fa-hia.de")).allowed
+    assert not check_address("a@faß.de", allow("fass.de")).allowed
+    assert normalize_domain("ς.gr") == "xn--3xa.gr"  # the final sigma is kept, not mapped to the medial one
+    assert normalize_domain("xn--zz.example") is None  # not a valid A-label
+
+
 @pytest.mark.parametrize(
     ("address", "decision"),
     [
