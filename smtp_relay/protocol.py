@@ -315,6 +315,13 @@ class RelaySMTP(SMTP):
             raise ConnectionResetError("Connection closing")
         return super()._authenticate(mechanism, auth_data)
 
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """aiosmtpd's AUTH, with the mechanism name in any case (`AUTH plain ...`), as Postfix and Exim take it."""
+        if arg:
+            mechanism, space, rest = arg.partition(" ")
+            arg = mechanism.upper() + space + rest
+        await super().smtp_AUTH(arg)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         if hostname:  # a bare EHLO is refused (501) and changes nothing
             self.command_size_limits.clear()  # each EHLO grows MAIL's limit by SIZE's 26 bytes: once is enough

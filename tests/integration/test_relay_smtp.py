@@ -9,8 +9,8 @@ import smtplib
 import time
 
 import pytest
-from support.client import RawClient, authed, connect, login, quit_quietly, send_data, transaction
-from support.relay import CLIENT_USER
+from support.client import RawClient, authed, connect, login, plain_b64, quit_quietly, send_data, transaction
+from support.relay import CLIENT_PASSWORD, CLIENT_USER
 
 MAX_SIZE = 20000
 
@@ -91,6 +91,20 @@ def test_auth_with_configured_credentials_succeeds_and_delivers(relay, upstream,
         quit_quietly(smtp)
     msgs = upstream.wait_for_messages(1)
     assert [(m.mail_from, m.rcpt_tos) for m in msgs] == [("sender@example.com", ["rcpt@example.com"])]
+
+
+@pytest.mark.parametrize("mech", ["plain", "Login"])
+def test_auth_mechanism_names_are_taken_in_any_case(relay, mech):
+    # As Postfix and Exim do: some clients send them in lower case.
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        if mech == "plain":
+            code, text = c.cmd(f"AUTH {mech} {plain_b64(CLIENT_USER, CLIENT_PASSWORD)}")
+        else:
+            assert c.cmd(f"AUTH {mech}")[0] == 334
+            assert c.cmd(base64.b64encode(CLIENT_USER.encode()).decode())[0] == 334
+            code, text = c.cmd(base64.b64encode(CLIENT_PASSWORD.encode()).decode())
+        assert code == 235, (code, text)
 
 
 # -- sender and recipient policy ---------------------------------------------------------------------
