@@ -34,14 +34,26 @@ class PrintingUpstream:
         return "250 2.0.0 Accepted by the demo upstream"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopping = False
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    """The first stop signal stops the demo; any later one (a burst of Ctrl-C, make passing its own on) is
+    ignored, so that the relay's clean stop is never cut short and no relay is left behind. (Not by SIG_IGN:
+    Python reports a signal that was already on its way then as an error, with a traceback.)"""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
     raise KeyboardInterrupt
 
 
 def main() -> int:
-    # A SIGTERM (a closed terminal, `timeout`, a process manager) stops the relay as Ctrl-C does, so no relay is
-    # left behind holding the port.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C, SIGTERM (`timeout`, a process manager) and SIGHUP (the terminal was closed) all stop the relay
+    # too: it runs in its own session, so no signal reaches it but the one sent below.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     upstream = Controller(PrintingUpstream(), hostname="127.0.0.1", port=UPSTREAM_PORT)
     try:
         upstream.start()
@@ -54,7 +66,9 @@ def main() -> int:
         return 1
     print(f"demo upstream listening on 127.0.0.1:{UPSTREAM_PORT}", flush=True)
     env = {
-        # Demo defaults; anything already set in the environment wins.
+        # Demo defaults; anything already set in the environment wins. The demo runs with the default password:
+        # it listens on this machine only (127.0.0.1 and ::1).
+        "LISTEN_HOST": "localhost",
         "RELAY_HOST": "127.0.0.1",
         "RELAY_PORT": str(UPSTREAM_PORT),
         "RELAY_USE_TLS": "false",
@@ -67,8 +81,6 @@ def main() -> int:
         while relay.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (make passes its own on) must not cut this short
-            signal.signal(sig, signal.SIG_IGN)
         relay.send_signal(signal.SIGTERM)
         try:
             relay.wait(timeout=15)
