@@ -267,7 +267,7 @@ def compose_defaults() -> dict[str, str]:
     """The environment the container gets with no .env: every ${NAME:-default} resolved to its default."""
     resolved = {}
     for name, value in compose_service()["environment"].items():
-        match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", str(value))
+        match = re.fullmatch(r"\$\{(\w+):?-([^}]*)\}", str(value))
         assert match and match[1] == name, f"{name}: use ${{{name}:-default}} so .env can set it ({value!r})"
         resolved[name] = match[2]
     return resolved
@@ -336,6 +336,8 @@ def test_compose_service_matches_the_readme_quick_start_and_the_image():
         assert line in text, f"the commented Docker secrets example lacks {line!r}"
     for twin in SECRET_TWINS:
         assert re.search(rf"#\s*{twin}: \$\{{{twin}:-/run/secrets/\w+\}}", text), twin
+    # An empty password in .env must reach the relay (which refuses it), not become the default password.
+    assert service["environment"]["SMTP_AUTH_PASSWORD"] == "${SMTP_AUTH_PASSWORD-password}"
 
 
 # -- ENTRYPOINT and HEALTHCHECK as written, as the image's user, from a virtual environment ------------------------
