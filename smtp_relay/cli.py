@@ -78,7 +78,7 @@ def _run(settings: Settings) -> int:
     from smtp_relay.server import RelayServer, run_loop
 
     for warning in settings.warnings():
-        logs.event(logging.WARNING, "config.warning", message=warning)
+        logs.event(logging.WARNING, "config.warning", reason=warning)
     if settings.workers > 1:
         from smtp_relay.workers import Supervisor
 

@@ -70,9 +70,7 @@ class RelayHandler:
         address = peer_address(session)
         locked_for = self.throttle.locked_for(address)
         if locked_for > 0:
-            logs.event(
-                logging.WARNING, "auth.refused", **_ids(session), reason="locked out", seconds=f"{locked_for:.0f}"
-            )
+            logs.event(logging.WARNING, "auth.refused", **_ids(session), reason="locked out", seconds=round(locked_for))
             await server.push(replies.Logged(replies.AUTH_LOCKED_OUT))
             server.close()
             return None
@@ -166,6 +164,7 @@ class RelayHandler:
             duration=round(outcome.duration, 3),
         )
         if outcome.delivered:
+            session.delivered += 1
             logs.event(logging.INFO, "forward.delivered", **fields)
         else:
             logs.event(

@@ -54,7 +54,8 @@ class RelaySession(Session):
         super().__init__(loop)
         self.id = secrets.token_hex(5)
         self.started = time.monotonic()
-        self.messages = 0
+        self.messages = 0  # transactions that reached DATA: the number in each message's log lines
+        self.delivered = 0  # of those, the ones the upstream took
         self._peer_text: str | None = None
 
     @property
@@ -206,7 +207,8 @@ class RelaySMTP(SMTP):
                         peer=session.peer_text,
                         user=session.user,
                         messages=session.messages,
-                        refused=self._errors or None,
+                        delivered=session.delivered,
+                        refusals=self._errors or None,
                         duration=round(time.monotonic() - session.started, 3),
                     )
 

@@ -201,6 +201,7 @@ def test_json_log_format_writes_one_json_object_per_line(relays):
     assert delivered and closed, session_docs
     for doc in delivered + closed:
         assert isinstance(doc["duration"], float) and doc["duration"] >= 0, doc
+    assert (closed[-1]["messages"], closed[-1]["delivered"]) == (1, 1), closed
     assert isinstance(delivered[0]["size"], int) and isinstance(delivered[0]["recipients"], int), delivered
     assert CLIENT_PASSWORD not in relay.all_output()
     file_lines = [ln for ln in relay.log_file.splitlines() if ln.strip()]
@@ -238,5 +239,5 @@ def test_every_refusal_the_smtp_library_makes_is_logged_with_its_reply(stack, up
     ], lines
     assert refused[0]["command"] == "MAIL" and refused[0]["reason"] == '"not authenticated"', refused[0]
     assert all("level=WARNING" in line for line in lines if ".refused " in line)
-    assert " refused=4 " in lines[-1], lines[-1]  # disconnect: the four command.refused
+    assert " refusals=4 " in lines[-1], lines[-1]  # disconnect: the four command.refused
     assert not [m for m in upstream.messages if m.mail_from in ("big@example.com", "long@example.com")]

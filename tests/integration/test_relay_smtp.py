@@ -161,15 +161,18 @@ def test_message_with_a_refused_recipient_is_refused_at_the_data_command_and_the
         assert c.auth_plain()[0] == 235
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
         assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
-        assert c.cmd("RCPT TO:<bad@elsewhere.test>")[0] == 550
+        assert c.cmd("RCPT TO:<bad@refused-at-data.test>")[0] == 550
         code, text = c.cmd("DATA")
         assert code == 554 and text.startswith("5.7.1"), (code, text)
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
         assert c.cmd("RCPT TO:<good@example.com>")[0] == 250
         assert send_data(c, MSG)[0] == 250
     assert [m.rcpt_tos for m in upstream.wait_for_messages(1)] == [["good@example.com"]]
-    line = relay.wait_for_log("event=message.refused", "refused=bad@elsewhere.test")
+    line = relay.wait_for_log("event=message.refused", "refused=bad@refused-at-data.test")
     assert line is not None and 'reason="a recipient was refused"' in line, relay.describe()
+    session = re.search(r" session=(\w+) ", line)[1]
+    closed = relay.wait_for_log("event=disconnect", f"session={session}")
+    assert closed is not None and " messages=2 delivered=1 " in closed, closed  # one refused, one delivered
 
 
 @pytest.mark.parametrize(
@@ -470,7 +473,7 @@ def test_a_client_that_keeps_sending_refused_commands_cannot_flood_the_log(relay
         assert c.auth_plain()[0] == 235  # the session goes on
         assert c.cmd("QUIT")[0] == 221
     line = relay.wait_for_log("event=disconnect", f"peer={peer}")
-    assert line is not None and " refused=100 " in line, line
+    assert line is not None and " refusals=100 " in line, line
     lines = [ln for ln in relay.log_lines() if f"peer={peer}" in ln]
     assert sum("event=command.refused" in ln for ln in lines) == 21, lines
     assert "the rest are counted" in [ln for ln in lines if "event=command.refused" in ln][-1]
@@ -489,7 +492,7 @@ def test_policy_refusals_are_each_logged_and_not_counted_as_errors(relay, upstre
         assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
         assert send_data(c, MSG)[0] == 250
     line = relay.wait_for_log("event=disconnect", f"peer={peer}")
-    assert line is not None and "refused=" not in line, line
+    assert line is not None and "refusals=" not in line, line
     lines = [ln for ln in relay.log_lines() if f"peer={peer}" in ln]
     assert sum("event=rcpt.refused" in ln for ln in lines) == 30 and "event=command.refused" not in str(lines)
 
