@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     smtp_auth_password_file: Path | None = None
     allowed_from_domains: DomainList = ("example.com",)
     allowed_to_domains: DomainList = ("example.com",)
+    smtp_hostname: Host = ""
     listen_host: Host = "0.0.0.0"
     listen_port: Port = 1025
     use_tls: Boolean = False
@@ -152,7 +153,9 @@ class Settings(BaseSettings):
             return value
         return value.strip().upper() if value.strip().upper() in _LEVELS else value.strip().lower()
 
-    @field_validator("listen_host", "relay_host", "smtp_auth_username", "relay_username", mode="before")
+    @field_validator(
+        "smtp_hostname", "listen_host", "relay_host", "smtp_auth_username", "relay_username", mode="before"
+    )
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value

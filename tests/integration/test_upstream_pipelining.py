@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from support.client import transaction
+from support.client import RawClient, transaction
 from support.net import ThreadedServer
 from support.scripted import Script, ScriptedUpstream
 
@@ -333,3 +333,15 @@ def test_a_reply_before_the_end_of_data_stops_the_message_before_its_final_dot(s
         while upstream.aborted_data < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert upstream.messages == [] and upstream.aborted_data == 1
+
+
+def test_smtp_hostname_names_the_relay_in_its_greeting_its_ehlo_and_its_received_header(stack):
+    # In a container the host name is the container's id, which upstreams that check EHLO refuse.
+    with ScriptedUpstream() as upstream:
+        relay = stack.relay(upstream.port, SMTP_HOSTNAME="relay.example.net")
+        with RawClient(relay.port) as client:
+            assert client.greeting[0] == 220 and client.greeting[1].startswith("relay.example.net"), client.greeting
+        assert transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)[1] == 250
+        assert ["EHLO relay.example.net"] in upstream.reads, upstream.reads
+        received = upstream.messages[0][2].split(b"\r\n\r\n")[0].split(b"\r\n")[:3]
+        assert received[0].startswith(b"Received: from ") and b"by relay.example.net" in b" ".join(received), received
