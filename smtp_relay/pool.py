@@ -49,8 +49,10 @@ class ConnectionPool:
         max_messages: int = MAX_MESSAGES_PER_CONNECTION,
         probe_timeout: float = PROBE_TIMEOUT,
         probe_after: float = PROBE_AFTER_IDLE,
+        on_close: Callable[[PooledConnection, str], None] | None = None,
     ) -> None:
         self._connect = connect
+        self._on_close = on_close  # told why each session is closed (the relay logs it at DEBUG)
         self.size = size
         self.idle_seconds = idle_seconds
         self.max_messages = max_messages
@@ -72,7 +74,7 @@ class ConnectionPool:
             conn = self._idle.pop()
             idle_for = time.monotonic() - conn.last_used
             if idle_for > self.idle_seconds or not conn.client.is_connected:
-                self._discard(conn)
+                self._discard(conn, "idle" if conn.client.is_connected else "lost")
                 continue
             if idle_for < self.probe_after:
                 conn.reused = True
@@ -80,13 +82,13 @@ class ConnectionPool:
             try:
                 response = await conn.client.rset(timeout=self.probe_timeout)
             except (aiosmtplib.SMTPException, OSError, asyncio.IncompleteReadError):
-                self._discard(conn, polite=False)
+                self._discard(conn, "probe failed", polite=False)
                 continue
             except BaseException:  # cancelled mid-probe (the client went away): close it, it is in no pool now
-                self._discard(conn, polite=False)
+                self._discard(conn, "probe cancelled", polite=False)
                 raise
             if response.code != 250:
-                self._discard(conn)
+                self._discard(conn, "probe refused")
                 continue
             conn.reused = True
             return conn
@@ -98,34 +100,45 @@ class ConnectionPool:
         """Return a session whose last transaction is finished (delivered, or refused and reset); else close it."""
         conn.messages += 1 if reusable else 0
         conn.last_used = time.monotonic()
-        if (
-            not reusable
-            or self._closed
-            or not conn.client.is_connected
-            or conn.messages >= self.max_messages
-            or len(self._idle) >= self.size
-        ):
-            self._discard(conn, polite=reusable)
+        reason = self._not_kept(conn, reusable)
+        if reason is not None:
+            self._discard(conn, reason, polite=reusable)
             return
         self._idle.append(conn)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire)
 
+    def _not_kept(self, conn: PooledConnection, reusable: bool) -> str | None:
+        """Why a released session is closed rather than kept idle; None: it is kept."""
+        if not reusable:
+            return "not reusable"
+        if self._closed:
+            return "shutdown"
+        if not conn.client.is_connected:
+            return "lost"
+        if conn.messages >= self.max_messages:
+            return "max messages"
+        if len(self._idle) >= self.size:
+            return "pool full"
+        return None
+
     def discard(self, conn: PooledConnection) -> None:
         """Close a session that failed: no QUIT, it may be in any state."""
-        self._discard(conn, polite=False)
+        self._discard(conn, "failed", polite=False)
 
     def _expire(self) -> None:
         """Close the sessions idle for `idle_seconds`; one timer for the pool, not one per message."""
         self._sweep = None
         now = time.monotonic()
         while self._idle and now - self._idle[0].last_used >= self.idle_seconds:
-            self._discard(self._idle.pop(0))
+            self._discard(self._idle.pop(0), "idle")
         if self._idle and not self._closed:
             wait = self._idle[0].last_used + self.idle_seconds - now
             self._sweep = asyncio.get_running_loop().call_later(wait, self._expire)
 
-    def _discard(self, conn: PooledConnection, *, polite: bool = True) -> None:
+    def _discard(self, conn: PooledConnection, reason: str, *, polite: bool = True) -> None:
+        if self._on_close is not None:
+            self._on_close(conn, reason)
         if polite and conn.client.is_connected:
             task = asyncio.get_running_loop().create_task(_quit(conn.client))
             self._closing.add(task)
@@ -141,7 +154,7 @@ class ConnectionPool:
             self._sweep = None
         idle, self._idle = self._idle, []
         for conn in idle:
-            self._discard(conn)
+            self._discard(conn, "shutdown")
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=QUIT_TIMEOUT + 1)
 

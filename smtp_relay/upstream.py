@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, SMTPProtocol
 
-from smtp_relay import replies
+from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody
 from smtp_relay.config import ConfigError
 from smtp_relay.pool import IDLE_SECONDS, MAX_MESSAGES_PER_CONNECTION, POOL_SIZE, ConnectionPool, PooledConnection
@@ -129,15 +130,27 @@ class Upstream:
             size=settings.pool_size,
             idle_seconds=settings.pool_idle_seconds,
             max_messages=settings.pool_max_messages,
+            on_close=self._closed,
         )
 
     async def close(self) -> None:
         """Close the idle upstream sessions (QUIT, bounded); called once at shutdown."""
         await self.pool.close()
 
+    def _closed(self, conn: PooledConnection, reason: str) -> None:
+        logs.event(
+            logging.DEBUG,
+            "upstream.closed",
+            upstream=f"{self.settings.host}:{self.settings.port}",
+            reason=reason,
+            messages=conn.messages,
+            duration=round(time.monotonic() - conn.created, 3),
+        )
+
     async def _open(self) -> aiosmtplib.SMTP:
         """A connected, TLS-protected (as configured) and authenticated session, or `_SetupFailed`."""
         s = self.settings
+        started = time.monotonic()
         client = aiosmtplib.SMTP(
             hostname=s.host,
             port=s.port,
@@ -169,6 +182,14 @@ class Upstream:
             elif client.is_ehlo_or_helo_needed:
                 await client.ehlo()  # so that SIZE and 8BITMIME are known before the first MAIL
             opened = True
+            logs.event(
+                logging.DEBUG,
+                "upstream.opened",
+                upstream=f"{s.host}:{s.port}",
+                tls=s.tls_mode,
+                auth=bool(s.username),
+                duration=round(time.monotonic() - started, 3),
+            )
         except (SMTPException, OSError, asyncio.IncompleteReadError, ssl.SSLError, ssl.CertificateError) as exc:
             if isinstance(exc, SMTPResponseException) and client.is_connected:
                 await _quit(client)

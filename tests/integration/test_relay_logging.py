@@ -241,3 +241,18 @@ def test_every_refusal_the_smtp_library_makes_is_logged_with_its_reply(stack, up
     assert all("level=WARNING" in line for line in lines if ".refused " in line)
     assert " refusals=4 " in lines[-1], lines[-1]  # disconnect: the four command.refused
     assert not [m for m in upstream.messages if m.mail_from in ("big@example.com", "long@example.com")]
+
+
+def test_debug_level_adds_the_upstream_sessions_opened_and_closed(stack):
+    # What an operator turns DEBUG on for: when the relay opens upstream sessions, and why it closes them.
+    sink = stack.sink()
+    relays = {level: stack.relay(sink.port, LOG_LEVEL=level) for level in ("DEBUG", "INFO")}
+    for relay in relays.values():
+        _one_delivery(relay)
+        assert relay.stop() == 0
+    debug = relays["DEBUG"]
+    opened = debug.wait_for_log("level=DEBUG event=upstream.opened", f"upstream=127.0.0.1:{sink.port}", "tls=none")
+    assert opened is not None and " duration=" in opened, debug.describe()
+    closed = debug.wait_for_log("level=DEBUG event=upstream.closed", "reason=shutdown", "messages=1")
+    assert closed is not None, debug.describe()
+    assert "event=upstream." not in relays["INFO"].stdout

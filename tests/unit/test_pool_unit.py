@@ -140,3 +140,47 @@ def test_unusable_session_is_closed_not_pooled_and_close_quits_idle_sessions():
         assert pool.idle == 0, "a closed pool keeps nothing"
 
     asyncio.run(main())
+
+
+def test_the_pool_says_why_it_closes_each_session():
+    async def main() -> None:
+        closed: list[tuple[int, str]] = []
+        made: list[FakeClient] = []
+
+        async def connect() -> FakeClient:
+            made.append(FakeClient(len(made)))
+            return made[-1]
+
+        pool = ConnectionPool(
+            connect,  # type: ignore[arg-type]
+            size=1,
+            max_messages=2,
+            idle_seconds=0.05,
+            probe_after=0,
+            on_close=lambda conn, reason: closed.append((conn.client.n, reason)),  # type: ignore[attr-defined]
+        )
+        first, second = await pool.acquire(), await pool.acquire()
+        pool.release(first, reusable=True)
+        pool.release(second, reusable=True)  # the pool holds one
+        third = await pool.acquire(fresh=True)
+        pool.discard(third)
+        again = await pool.acquire()  # the first, probed
+        pool.release(again, reusable=True)  # its second message: worn out
+        fourth = await pool.acquire()
+        pool.release(fourth, reusable=False)
+        fifth = await pool.acquire()
+        pool.release(fifth, reusable=True)
+        await asyncio.sleep(0.12)  # idle past idle_seconds
+        sixth = await pool.acquire()
+        pool.release(sixth, reusable=True)
+        await pool.close()
+        assert closed == [
+            (1, "pool full"),
+            (2, "failed"),
+            (0, "max messages"),
+            (3, "not reusable"),
+            (4, "idle"),
+            (5, "shutdown"),
+        ], closed
+
+    asyncio.run(main())
