@@ -67,8 +67,8 @@ def main() -> int:
     print(f"demo upstream listening on 127.0.0.1:{UPSTREAM_PORT}", flush=True)
     env = {
         # Demo defaults; anything already set in the environment wins. The demo runs with the default password:
-        # it listens on this machine only (127.0.0.1 and ::1).
-        "LISTEN_HOST": "localhost",
+        # it listens on this machine only (swaks and smtplib try 127.0.0.1 after ::1 for "localhost").
+        "LISTEN_HOST": "127.0.0.1",
         "RELAY_HOST": "127.0.0.1",
         "RELAY_PORT": str(UPSTREAM_PORT),
         "RELAY_USE_TLS": "false",

@@ -63,7 +63,21 @@ def _utf8(value: Any) -> Any:
 Port = Annotated[int, Field(ge=1, le=65535)]
 DomainList = Annotated[tuple[str, ...], NoDecode]
 Boolean = Annotated[bool, BeforeValidator(_boolean)]
+
+
+def _domain_name(value: Any) -> Any:
+    """A host name, not an address: it is said in EHLO, where an address needs brackets (RFC 5321 4.1.3)."""
+    if isinstance(value, str) and value.strip():
+        try:
+            ipaddress.ip_address(value.strip())
+        except ValueError:
+            return value
+        raise ValueError("must be a host name (a FQDN such as relay.example.com), not an address")
+    return value
+
+
 Host = Annotated[str, BeforeValidator(_host)]
+HostName = Annotated[str, BeforeValidator(_host), BeforeValidator(_domain_name)]
 Secret = Annotated[SecretStr, BeforeValidator(_utf8)]
 
 
@@ -94,7 +108,7 @@ class Settings(BaseSettings):
     smtp_auth_password_file: Path | None = None
     allowed_from_domains: DomainList = ("example.com",)
     allowed_to_domains: DomainList = ("example.com",)
-    smtp_hostname: Host = ""
+    smtp_hostname: HostName = ""
     listen_host: Host = "0.0.0.0"
     listen_port: Port = 1025
     use_tls: Boolean = False

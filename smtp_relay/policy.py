@@ -52,22 +52,39 @@ def normalize_domain(domain: str) -> str | None:
     for label in domain.split("."):
         if not label:
             return None
-        if label.isascii():
-            ascii_label = label.lower()
-        else:
-            try:
-                ascii_label = idna.encode(label, uts46=True, transitional=False).decode("ascii")
-            except UnicodeError:  # idna.IDNAError is one
-                return None
+        converted = label.lower() if label.isascii() else _a_label(label)
+        if converted is None:
+            return None
+        ascii_label = converted
         if len(ascii_label) > 63 or not _is_ldh(ascii_label):
             return None
-        if ascii_label.startswith("xn--"):
-            try:
-                idna.decode(ascii_label)
-            except UnicodeError:
-                return None
+        if ascii_label.startswith("xn--") and not _well_formed_a_label(ascii_label):
+            return None
         labels.append(ascii_label)
     return ".".join(labels)
+
+
+def _a_label(label: str) -> str | None:
+    """The A-label of a U-label: IDNA 2008 (UTS 46, not transitional); for a name IDNA 2008 does not allow
+    (symbols such as ☃, registered under IDNA 2003 and still in use), IDNA 2003 as before."""
+    try:
+        return idna.encode(label, uts46=True, transitional=False).decode("ascii")
+    except UnicodeError:  # idna.IDNAError is one
+        pass
+    try:
+        return label.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+
+
+def _well_formed_a_label(label: str) -> bool:
+    """An `xn--` label whose Punycode decodes and encodes back to itself. Which code points a registry allows is
+    not the relay's business: a name that resolves is a name."""
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+        return bool(decoded) and "xn--" + decoded.encode("punycode").decode("ascii") == label
+    except UnicodeError:
+        return False
 
 
 def _is_ldh(label: str) -> bool:

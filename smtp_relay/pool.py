@@ -137,14 +137,14 @@ class ConnectionPool:
             self._sweep = asyncio.get_running_loop().call_later(wait, self._expire)
 
     def _discard(self, conn: PooledConnection, reason: str, *, polite: bool = True) -> None:
-        if self._on_close is not None:
-            self._on_close(conn, reason)
         if polite and conn.client.is_connected:
             task = asyncio.get_running_loop().create_task(_quit(conn.client))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         else:
             conn.client.close()
+        if self._on_close is not None:  # after the close: whatever it does, no socket is left open
+            self._on_close(conn, reason)
 
     async def close(self) -> None:
         """Say QUIT to every idle session (bounded) and refuse to keep any more."""

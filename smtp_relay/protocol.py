@@ -54,7 +54,7 @@ class RelaySession(Session):
         super().__init__(loop)
         self.id = secrets.token_hex(5)
         self.started = time.monotonic()
-        self.messages = 0  # transactions that reached DATA: the number in each message's log lines
+        self.messages = 0  # messages tried upstream or refused at DATA: the number in each message's log lines
         self.delivered = 0  # of those, the ones the upstream took
         self._peer_text: str | None = None
 
@@ -101,8 +101,11 @@ class ConnectionTracker(Protocol):
 # relay's policy decisions are always logged): after that only their number, in the `disconnect` line, so that a
 # client that keeps sending what is refused cannot flood the log.
 LOGGED_REFUSALS = 20
-# aiosmtpd's refusals of a command line it could not read: it never learnt which command it was.
-_UNREAD_COMMAND_REPLIES = frozenset({"500 Error: strict ASCII mode", "500 Command line too long"})
+# aiosmtpd's refusals of a command line it could not read (not ASCII, too long, a command word that is not ASCII
+# or an empty line): it never learnt which command it was.
+_UNREAD_COMMAND_REPLIES = frozenset(
+    {"500 Error: strict ASCII mode", "500 Command line too long", "500 Error: bad syntax"}
+)
 
 
 class RelaySMTP(SMTP):
@@ -419,7 +422,12 @@ class RelaySMTP(SMTP):
             # The transaction ends, as after a refusal at the end of data.
             self._log_message_refused(envelope)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(replies.Logged(replies.MESSAGE_HAD_REFUSED_RECIPIENTS))
+            refusal = (
+                replies.MESSAGE_HAD_REFUSED_RECIPIENTS
+                if envelope.refused_recipients
+                else replies.MESSAGE_HAD_UNREAD_COMMAND
+            )
+            await self.push(replies.Logged(refusal))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)

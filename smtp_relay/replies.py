@@ -31,6 +31,7 @@ ADDRESS_ROUTING_DENIED = "553 5.7.1 Address routing (%, !, source routes) not al
 ADDRESS_INVALID = "553 5.1.3 Malformed address"
 RECIPIENT_ADDRESS_INVALID = "501 5.1.3 Malformed recipient address"
 MESSAGE_HAD_REFUSED_RECIPIENTS = "554 5.7.1 Message refused: one or more recipients were not allowed"
+MESSAGE_HAD_UNREAD_COMMAND = "554 5.7.1 Message refused: a command of this transaction could not be read"
 
 # Message.
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"

@@ -470,12 +470,10 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         if protocol._buffer:
             # A reply came before the end of data: it is no verdict on the whole message, and the session is out
             # of step. The final dot is not sent (the upstream must not take a message it may have answered
-            # early); closing the session ends the transaction with nothing delivered.
+            # early); closing the session ends the transaction with nothing delivered. A refusal still coming
+            # in (the first lines of a multi-line 552) is read to its end first, so that its verdict is passed on.
+            early = await _early_reply(protocol, seconds)
             client.close()
-            try:
-                early = protocol._read_response_from_buffer()
-            except SMTPResponseException:  # malformed
-                early = None
             if early is not None and early.code >= 400:  # a refusal: its verdict stands
                 raise SMTPDataError(early.code, early.message)
             raise SMTPDataError(-1, "the upstream replied before the end of data")
@@ -582,6 +580,15 @@ def _answer(protocol: SMTPProtocol) -> SMTPResponse | None:
     if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
         return None
     return waiter.result()
+
+
+async def _early_reply(protocol: SMTPProtocol, seconds: float) -> SMTPResponse | None:
+    """The reply that began before the end of data, once whole (waiting at most `seconds`); None if it never
+    completes or cannot be read."""
+    try:
+        return await _next_reply(protocol, seconds)
+    except (SMTPException, OSError):
+        return None
 
 
 def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol) -> None:

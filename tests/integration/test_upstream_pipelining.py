@@ -345,3 +345,48 @@ def test_smtp_hostname_names_the_relay_in_its_greeting_its_ehlo_and_its_received
         assert ["EHLO relay.example.net"] in upstream.reads, upstream.reads
         received = upstream.messages[0][2].split(b"\r\n\r\n")[0].split(b"\r\n")[:3]
         assert received[0].startswith(b"Received: from ") and b"by relay.example.net" in b" ".join(received), received
+
+
+class SlowEarlyRefusalUpstream(ThreadedServer):
+    """Answers DATA with 354 and, in the same write, the first line of a multi-line 552; the last line follows a
+    second later. Records whether the final dot ever came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got_dot = False
+
+    def session(self, conn) -> None:
+        conn.settimeout(10)
+        buffer = b""
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"220 slow.test ESMTP\r\n")
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                if b"\r\n.\r\n" in buffer:
+                    self.got_dot = True
+                while b"\r\n" in buffer and not self.got_dot:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-slow.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go\r\n552-5.3.4 Message too big\r\n")
+                        time.sleep(1.0)
+                        conn.sendall(b"552 5.3.4 for this system\r\n")
+                        buffer = b""
+                    elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                        conn.sendall(b"250 ok\r\n")
+
+
+def test_a_refusal_that_begins_before_the_end_of_data_is_read_to_its_end_and_passed_on(stack):
+    # Its first line came before the relay had sent the message: the relay waits for the rest (bounded by
+    # TIMEOUT) rather than answering 451, which would have the client retry a message the upstream refuses.
+    with SlowEarlyRefusalUpstream() as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
+        assert (stage, code) == ("DATA", 552) and "too big" in text, (stage, code, text)
+        time.sleep(0.3)
+        assert not upstream.got_dot

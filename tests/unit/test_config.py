@@ -76,6 +76,9 @@ def test_host_names_and_addresses_are_taken(monkeypatch: pytest.MonkeyPatch, hos
 @pytest.mark.parametrize(
     ("variable", "host"),
     [
+        ("SMTP_HOSTNAME", "192.0.2.1"),  # EHLO would need [192.0.2.1]
+        ("SMTP_HOSTNAME", "::1"),
+        ("SMTP_HOSTNAME", "relay example"),
         ("RELAY_HOST", "smtp\nexample.com"),
         ("RELAY_HOST", "smtp example.com"),
         ("RELAY_HOST", "[::1]"),

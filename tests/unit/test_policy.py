@@ -69,6 +69,13 @@ def test_internationalised_domains_follow_idna_2008_not_the_old_ss_mapping() -> 
     assert normalize_domain("xn--zz.example") is None  # not a valid A-label
 
 
+def test_a_labels_in_use_that_idna_2008_disallows_still_match() -> None:
+    # Registered under IDNA 2003 and still resolving (i❤.ws, ☃.com): a relay is not a registry.
+    assert check_address("a@xn--i-7iq.ws", allow("*")).allowed
+    assert check_address("a@xn--n3h.com", allow("☃.com")).allowed
+    assert DomainAllowlist.parse(["*.xn--n3h.com"]).matches("mail.xn--n3h.com")
+
+
 @pytest.mark.parametrize(
     ("address", "decision"),
     [
