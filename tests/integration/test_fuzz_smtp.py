@@ -331,6 +331,8 @@ class RelayFuzz(RuleBasedStateMachine):
             self._note_refusal(code, text)
         if code == 221 or (verb.startswith(("RSET", "EHLO", "HELO")) and code == 250):
             self._fresh_transaction()
+        if verb.startswith("DATA") and code == 554:  # refused at the DATA command: the transaction ended
+            self._fresh_transaction()
         assert code != 235, f"{line!r} got {code}"
         if code == 354:
             assert verb == "DATA", f"{line!r} got 354"
