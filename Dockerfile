@@ -37,10 +37,14 @@ ENV VIRTUAL_ENV=/opt/venv \
 
 # The wheels are bind-mounted from the builder stage, so they never become a layer of this image.
 # pip compiles the bytecode at install time; at run time nothing is written next to the code
-# (PYTHONDONTWRITEBYTECODE), which is what lets the container run with a read-only root filesystem.
+# (PYTHONDONTWRITEBYTECODE), which is what lets the container run with a read-only root filesystem. The base image
+# ships the standard library without bytecode: compiled here once, or every start and every health check would
+# compile it again (about half a second of CPU each).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv "$VIRTUAL_ENV" \
     && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --no-index --find-links=/wheels smtp-relay \
+    && python -m compileall -q -j 0 -x '/(test|idlelib|tkinter|lib2to3|turtledemo|site-packages)/' \
+       /usr/local/lib/python3.11 \
     && smtp-relay --version
 
 # The unprivileged user. /var/log (LOG_FILE) belongs to it, so that a fresh named volume, an anonymous volume or
@@ -66,7 +70,8 @@ STOPSIGNAL SIGTERM
 
 # `smtp-relay healthcheck` reads the same environment as the relay, connects to its own listener on loopback,
 # expects the 220 greeting and EHLO 250 (and STARTTLS when USE_TLS is on), then QUITs. It never authenticates.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+# --start-interval (Docker Engine 25+): probed every 2 s while starting, so it shows healthy within seconds.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --start-interval=2s --retries=3 \
     CMD ["smtp-relay", "healthcheck"]
 
 ENTRYPOINT ["smtp-relay"]

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import resource
 import sys
 import time
@@ -45,6 +46,9 @@ def dot_stuff(body: bytes) -> bytes:
 
 class Failure(Exception):
     pass
+
+
+HELD: list[Client] = []  # hold mode: the connections logged in so far
 
 
 class Client(asyncio.Protocol):
@@ -116,6 +120,9 @@ class Client(asyncio.Protocol):
 
     def ready(self) -> None:
         if self.hold:
+            HELD.append(self)
+            if len(HELD) == self.args.conns:  # every connection is open and logged in: the caller may measure
+                print("ready", len(HELD), file=sys.stderr, flush=True)
             asyncio.get_running_loop().call_later(self.args.hold, self.next_message)
         else:
             self.next_message()
@@ -162,6 +169,8 @@ async def connection(args: argparse.Namespace, payload: bytes, latencies: list[f
 
 async def worker(args: argparse.Namespace, payload: bytes, latencies: list[float], errors: list[str]) -> None:
     for _ in range(args.rounds):
+        if errors:  # one failure fails the run: stop rather than go on for every remaining round
+            return
         try:
             await asyncio.wait_for(connection(args, payload, latencies, False), args.timeout)
         except (Failure, OSError, TimeoutError) as exc:
@@ -188,7 +197,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     def pct(p: float) -> float:
         if not latencies:
             return float("nan")
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+        return latencies[max(0, math.ceil(p * len(latencies)) - 1)] * 1000  # nearest rank
 
     expected = 0 if args.hold else args.conns * args.rounds * args.per_conn
     return {

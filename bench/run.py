@@ -28,12 +28,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smtp_relay.config import usable_cpus
+from smtp_relay.config import usable_cpus, variable_names
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 USER, PASSWORD = "bench", "bench-Secret-42"
 CLK = os.sysconf("SC_CLK_TCK")
+# Every process the run starts, registered as soon as it exists: stopped at the end whatever happened.
+STARTED: list[subprocess.Popen[bytes]] = []
+# A load generator run never takes longer than this (a hung target fails the run instead of stalling it).
+LOAD_TIMEOUT = 600
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -68,7 +72,7 @@ def ensure_tools() -> None:
         "/usr/bin/stunnel4": "stunnel4",
     }
     missing = sorted({pkg for path, pkg in needed.items() if not Path(path).exists()})
-    if not Path("/usr/lib/x86_64-linux-gnu/sasl2").exists() and not list(Path("/usr/lib").glob("*/sasl2")):
+    if not list(Path("/usr/lib").glob("*/sasl2/libplain.so*")):  # Postfix's AUTH PLAIN (a Recommends of sasl2)
         missing.append("libsasl2-modules")
     if not missing:
         return
@@ -81,7 +85,8 @@ def ensure_tools() -> None:
     )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    # --no-remove: Debian's postfix conflicts with other mail servers (exim4, nullmailer); never replace one.
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-remove", *missing], check=True, env=env)
 
 
 def proc_cpu(pid: int, children: bool = False) -> float:
@@ -152,11 +157,14 @@ class Sink:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        STARTED.append(self.proc)
         wait_port(self.port)
 
     def counters(self) -> tuple[int, int]:
-        """(sessions, messages) so far."""
-        tail = self.out.read_bytes()[-200:].split(b"\r")
+        """(sessions, messages) so far, from the end of its output (which grows by a line per count)."""
+        with open(self.out, "rb") as out:
+            out.seek(max(0, out.seek(0, os.SEEK_END) - 200))
+            tail = out.read().split(b"\r")
         for chunk in reversed(tail):
             parts = dict(p.split(b"=", 1) for p in chunk.split() if b"=" in p)
             if b"mesg" in parts and b"sess" in parts:
@@ -182,6 +190,7 @@ class Stunnel:
         self.proc = subprocess.Popen(
             ["/usr/bin/stunnel4", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        STARTED.append(self.proc)
         wait_port(self.port)
 
 
@@ -198,8 +207,10 @@ class Relay:
 
     def __init__(self, workdir: Path, name: str, upstream_port: int, **env: str) -> None:
         self.port = free_port()
+        # The caller's own relay settings (a WORKERS or LOG_LEVEL left in the shell) must not change a target.
+        outside = {k: v for k, v in os.environ.items() if k not in variable_names()}
         full = dict(
-            os.environ,
+            outside,
             LISTEN_HOST="127.0.0.1",
             LISTEN_PORT=str(self.port),
             RELAY_HOST="127.0.0.1",
@@ -217,6 +228,7 @@ class Relay:
             self.proc = subprocess.Popen(
                 relay_command(), env=full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
+        STARTED.append(self.proc)
         wait_port(self.port)
 
     def cpu(self) -> float:
@@ -287,6 +299,9 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 relayhost = [127.0.0.1]:{sink_port}
 biff = no
+alias_maps =
+alias_database =
+local_recipient_maps =
 append_dot_mydomain = no
 smtputf8_enable = no
 smtpd_sasl_auth_enable = yes
@@ -306,10 +321,14 @@ default_process_limit = 200
 """
         )
         (conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
-        self.conf = conf
-        subprocess.run(["/usr/sbin/postfix", "-c", str(conf), "start"], check=True, capture_output=True)
+        self.conf, self.queue = conf, queue
+        self.master = 0
+
+    def start(self) -> None:
+        """Separate from the set-up, so that the caller holds the object (and its `stop`) before anything runs."""
+        subprocess.run(["/usr/sbin/postfix", "-c", str(self.conf), "start"], check=True, capture_output=True)
         wait_port(self.port)
-        self.master = int((queue / "pid" / "master.pid").read_text().split()[0])
+        self.master = int((self.queue / "pid" / "master.pid").read_text().split()[0])
 
     def cpu(self) -> float:
         return tree_cpu(self.master)
@@ -368,7 +387,10 @@ def run_load(port: int, sc: Scenario, auth: bool, sink: Sink, cpu_of: callable) 
     sess0, before = sink.counters()
     cpu0 = cpu_of()
     cmd = loadgen_command(port, auth, size=sc.size, conns=sc.conns, per_conn=sc.per_conn, rounds=sc.rounds)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=LOAD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"load generator on {sc.name} did not finish within {LOAD_TIMEOUT} s") from None
     result = json.loads(done.stdout or "{}") if done.stdout.strip() else {}
     if done.returncode != 0:
         raise SystemExit(f"load generator failed on {sc.name}: {result.get('errors') or done.stderr[-2000:]}")
@@ -377,10 +399,13 @@ def run_load(port: int, sc: Scenario, auth: bool, sink: Sink, cpu_of: callable) 
     while sink.delivered - before < expected and time.monotonic() < deadline:
         time.sleep(0.005)
     finished = time.monotonic()
-    delivered = sink.delivered - before
     cpu1 = cpu_of()
+    delivered = sink.delivered - before
     if delivered < expected:
         raise SystemExit(f"{sc.name}: only {delivered} of {expected} messages were delivered to the sink")
+    time.sleep(0.05)  # a message delivered twice would show up right behind the last one
+    if sink.delivered - before != expected:
+        raise SystemExit(f"{sc.name}: {sink.delivered - before} deliveries for {expected} messages")
     # Delivered rate: the generator's own sending time plus however long delivery lagged behind its exit.
     elapsed = result["elapsed"] + (finished - exited)
     return Sample(
@@ -408,25 +433,34 @@ class Memory:
     large_n: int
 
 
-def memory(relay: Relay, quick: bool) -> Memory:
+def memory(relay: Relay, sink: Sink, quick: bool) -> Memory:
     try:
-        return _memory(relay, quick)
+        return _memory(relay, sink, quick)
     finally:
         relay.proc.terminate()
-        relay.proc.wait(timeout=15)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # else stopped with the rest at the end
+            relay.proc.wait(timeout=15)
 
 
-def _memory(relay: Relay, quick: bool) -> Memory:
+def _memory(relay: Relay, sink: Sink, quick: bool) -> Memory:
     pid = relay.proc.pid
     idle_n = 100 if quick else 500
     time.sleep(0.5)
     base = rss_kb(pid)
     gen = subprocess.Popen(
-        loadgen_command(relay.port, True, conns=idle_n, per_conn=0, hold=4), stdout=subprocess.PIPE, text=True
+        loadgen_command(relay.port, True, conns=idle_n, per_conn=0, hold=4),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    time.sleep(3)
+    STARTED.append(gen)  # type: ignore[arg-type]
+    assert gen.stderr is not None
+    ready = gen.stderr.readline()  # "ready N" once every connection is open and logged in (or EOF on failure)
     held = rss_kb(pid)
-    gen.wait(timeout=60)
+    out, err = gen.communicate(timeout=60)
+    result = json.loads(out) if out.strip() else {}
+    if gen.returncode != 0 or ready.split()[:2] != ["ready", str(idle_n)] or result.get("failed"):
+        raise SystemExit(f"idle connections: not all {idle_n} logged in: {ready!r} {result.get('errors')} {err}")
     idle_kb = (held - base) / idle_n
     # Peak RSS while 20 concurrent 10 MB messages are relayed.
     n, size = (5, 10_000_000) if quick else (20, 10_000_000)
@@ -444,16 +478,25 @@ def _memory(relay: Relay, quick: bool) -> Memory:
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    done = subprocess.run(
-        loadgen_command(relay.port, True, conns=n, per_conn=1, rounds=1, size=size),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    stop.set()
-    t.join()
+    before = sink.delivered
+    try:
+        done = subprocess.run(
+            loadgen_command(relay.port, True, conns=n, per_conn=1, rounds=1, size=size),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=LOAD_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"large-message run did not finish within {LOAD_TIMEOUT} s") from None
+    finally:
+        stop.set()
+        t.join()
     if done.returncode != 0:
         raise SystemExit(f"large-message run failed: {done.stdout} {done.stderr[-1000:]}")
+    time.sleep(0.2)
+    if sink.delivered - before != n:
+        raise SystemExit(f"large-message run: {sink.delivered - before} deliveries for {n} messages")
     return Memory(idle_kb, idle_n, (peak - base) / 1024, n)
 
 
@@ -472,8 +515,14 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="smtp-relay-bench-"))
     os.chmod(workdir, 0o755)  # noqa: S103 (Postfix daemons and smtp-sink run as other users)
-    procs: list[subprocess.Popen[bytes]] = []
     postfix: Postfix | None = None
+
+    def stop_run(signum: int, frame: object) -> None:
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+    # A closed terminal or a CI timeout stops the run as Ctrl-C does: through `finally`, nothing left behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_run)
     failed = False
     try:
         ca = trustme.CA()
@@ -483,14 +532,10 @@ def main() -> int:
         cert.private_key_pem.write_to_path(str(key_pem))
         ca.cert_pem.write_to_path(str(ca_pem))
         sink = Sink(workdir)
-        procs.append(sink.proc)
         tunnel = Stunnel(workdir, sink.port, cert_pem, key_pem)
-        procs.append(tunnel.proc)
         relay = Relay(workdir, "plain", sink.port)
-        procs.append(relay.proc)
         # One worker per usable CPU, as the README advises for a multi-core host.
         relay_workers = Relay(workdir, "workers", sink.port, WORKERS="auto")
-        procs.append(relay_workers.proc)
         relay_tls = Relay(
             workdir,
             "tls",
@@ -498,7 +543,6 @@ def main() -> int:
             RELAY_USE_SSL="true",
             RELAY_TLS_CA_FILE=str(ca_pem),
         )
-        procs.append(relay_tls.proc)
         # The same with upstream connection reuse off: what the pool saves over a TLS handshake per message.
         relay_tls_fresh = Relay(
             workdir,
@@ -508,8 +552,8 @@ def main() -> int:
             RELAY_TLS_CA_FILE=str(ca_pem),
             RELAY_POOL_SIZE="0",
         )
-        procs.append(relay_tls_fresh.proc)
         postfix = Postfix(workdir, sink.port)
+        postfix.start()
         log(
             f"workdir {workdir}; sink :{sink.port}, stunnel :{tunnel.port}, relay :{relay.port}, "
             f"postfix :{postfix.port}"
@@ -572,7 +616,7 @@ def main() -> int:
                     results.setdefault((sc.name, name), Row()).samples.append(sample)
                     log(f"rep {rep + 1}/{repeats} {sc.name} / {name}: {sample.rate:.0f} msg/s p99 {sample.p99:.1f} ms")
         # Memory on a fresh relay process, so that heap left over from the runs above does not hide the cost.
-        mem = memory(Relay(workdir, "memory", sink.port), args.quick)
+        mem = memory(Relay(workdir, "memory", sink.port), sink, args.quick)
         print_report(scenarios, results, mem, repeats)
     except SystemExit as exc:
         log(f"FAILED: {exc}")
@@ -580,10 +624,10 @@ def main() -> int:
     finally:
         if postfix is not None:
             postfix.stop()
-        for p in procs:
+        for p in STARTED:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
+        for p in STARTED:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
