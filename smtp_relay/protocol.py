@@ -87,6 +87,18 @@ class RelayEnvelope(Envelope):
         self.body: MessageBody | None = None
 
 
+# A log line stays short enough to be written whole (workers share stdout): the refused recipients a line names
+# are the first few, and `refused_count` says how many there were.
+LOGGED_ADDRESSES = 5
+
+
+def _first_addresses(addresses: list[str]) -> str | None:
+    if not addresses:
+        return None
+    shown = ",".join(addresses[:LOGGED_ADDRESSES])
+    return shown if len(addresses) <= LOGGED_ADDRESSES else f"{shown},..."
+
+
 def _command_size_limits() -> collections.defaultdict[str, int]:
     """A connection's own command line limits (aiosmtpd keeps one table on the class, shared by all of them)."""
     return collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -465,7 +477,8 @@ class RelaySMTP(SMTP):
             **self._ids(),
             message=session.messages,
             sender=envelope.mail_from,
-            refused=",".join(envelope.refused_recipients) or None,
+            refused=_first_addresses(envelope.refused_recipients),
+            refused_count=len(envelope.refused_recipients) or None,
             unread_commands=envelope.unread_commands or None,
             reason="a recipient was refused" if envelope.refused_recipients else "a command could not be read",
         )

@@ -256,3 +256,21 @@ def test_debug_level_adds_the_upstream_sessions_opened_and_closed(stack):
     closed = debug.wait_for_log("level=DEBUG event=upstream.closed", "reason=shutdown", "messages=1")
     assert closed is not None, debug.describe()
     assert "event=upstream." not in relays["INFO"].stdout
+
+
+def test_a_message_with_hundreds_of_refused_recipients_is_logged_on_one_short_line(relay):
+    # Client-controlled: 900 refused recipients of 400 characters each must not make a 360 KB line (with WORKERS,
+    # lines over the pipe's atomic write size could mix with other workers' lines).
+    long_local = "z" * 380
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<many-refused@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<ok@example.com>")[0] == 250
+        c.send(b"".join(f"RCPT TO:<{long_local}{n}@evil.test>\r\n".encode() for n in range(900)))
+        for _ in range(900):
+            assert c.reply()[0] == 550
+        assert send_data(c, MSG)[0] == 554
+    line = relay.wait_for_log("event=message.refused", "sender=many-refused@example.com")
+    assert line is not None and " refused_count=900 " in line, relay.describe()
+    assert len(line.encode()) < 4000, len(line.encode())

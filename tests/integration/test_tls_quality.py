@@ -17,6 +17,7 @@ from support.faults import FaultUpstream
 V = ssl.TLSVersion
 WEAK = "DEFAULT:@SECLEVEL=0"
 SHA1_CBC = "ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA:@SECLEVEL=0"
+SHA2_CBC = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA384"
 OLD_VERSIONS = [V.TLSv1, V.TLSv1_1]
 
 
@@ -89,9 +90,11 @@ def test_inbound_tls_below_1_2_is_refused(tls_relay, tls, version):
     ok.close()
 
 
-def test_inbound_sha1_cbc_cipher_suites_are_refused(tls_relay, tls):
+@pytest.mark.parametrize("suites", [SHA1_CBC, SHA2_CBC], ids=["SHA1-CBC", "SHA2-CBC"])
+def test_inbound_cbc_cipher_suites_are_refused(tls_relay, tls, suites):
+    # Clients get AEAD suites with forward secrecy only (Mozilla's intermediate profile).
     relay, _ = tls_relay
-    client_ctx = _ctx("client", tls, V.TLSv1_2, V.TLSv1_2, SHA1_CBC)
+    client_ctx = _ctx("client", tls, V.TLSv1_2, V.TLSv1_2, suites)
     assert _handshake_with_permissive_server(tls, client_ctx) == "TLSv1.2"  # control
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _starttls(relay, client_ctx).close()
