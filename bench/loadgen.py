@@ -123,7 +123,9 @@ class Client(asyncio.Protocol):
             HELD.append(self)
             if len(HELD) == self.args.conns:  # every connection is open and logged in: the caller may measure
                 print("ready", len(HELD), file=sys.stderr, flush=True)
-            asyncio.get_running_loop().call_later(self.args.hold, self.next_message)
+                loop = asyncio.get_running_loop()
+                for client in HELD:  # all held from here, for `hold` seconds
+                    loop.call_later(self.args.hold, client.next_message)
         else:
             self.next_message()
 
@@ -185,7 +187,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     if args.hold:
         # Idle-connection mode: open `conns` authenticated connections, keep them for `hold` seconds.
-        tasks = [asyncio.create_task(connection(args, payload, latencies, True)) for _ in range(args.conns)]
+        tasks = [
+            asyncio.create_task(asyncio.wait_for(connection(args, payload, latencies, True), args.hold + args.timeout))
+            for _ in range(args.conns)
+        ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         errors += [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
     else:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -469,13 +470,35 @@ def _memory(relay: Relay, sink: Sink, quick: bool) -> Memory:
         text=True,
     )
     STARTED.append(gen)  # type: ignore[arg-type]
-    assert gen.stderr is not None
-    ready = gen.stderr.readline()  # "ready N" once every connection is open and logged in (or EOF on failure)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read_stderr() -> None:
+        assert gen.stderr is not None
+        for line in gen.stderr:
+            lines.put(line)
+        lines.put("")  # end of output
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    ready, err, deadline = "", [], time.monotonic() + 120
+    while not ready.startswith("ready"):  # "ready N" once every connection is open and logged in
+        try:
+            ready = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise SystemExit(f"idle connections: not all {idle_n} logged in within 120 s") from None
+        if not ready:
+            break  # the generator ended without saying so: judged below
+        if not ready.startswith("ready"):
+            err.append(ready)
     held = rss_sum_kb(pids)
-    out, err = gen.communicate(timeout=60)
+    try:
+        gen.wait(timeout=60)  # its only stdout is one short JSON line, which the pipe holds until read
+    except subprocess.TimeoutExpired:
+        raise SystemExit("idle connections: the load generator did not finish") from None
+    assert gen.stdout is not None
+    out = gen.stdout.read()
     result = json.loads(out) if out.strip() else {}
     if gen.returncode != 0 or ready.split()[:2] != ["ready", str(idle_n)] or result.get("failed"):
-        raise SystemExit(f"idle connections: not all {idle_n} logged in: {ready!r} {result.get('errors')} {err}")
+        raise SystemExit(f"idle connections: not all {idle_n} logged in: {ready!r} {result.get('errors')} {err[-5:]}")
     idle_kb = (held - base) / idle_n
     # Peak RSS while 20 concurrent 10 MB messages are relayed.
     n, size = (5, 10_000_000) if quick else (20, 10_000_000)
@@ -655,6 +678,8 @@ def main() -> int:
         log(f"FAILED: {exc}")
         failed = True
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         if postfix is not None:
             postfix.stop()
         for p in STARTED:

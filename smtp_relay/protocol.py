@@ -92,10 +92,15 @@ class RelayEnvelope(Envelope):
 LOGGED_ADDRESSES = 5
 
 
+LOGGED_ADDRESSES_LENGTH = 400  # characters before escaping, which may make each of them six
+
+
 def _first_addresses(addresses: list[str]) -> str | None:
     if not addresses:
         return None
     shown = ",".join(addresses[:LOGGED_ADDRESSES])
+    if len(shown) > LOGGED_ADDRESSES_LENGTH:
+        return shown[:LOGGED_ADDRESSES_LENGTH] + "..."
     return shown if len(addresses) <= LOGGED_ADDRESSES else f"{shown},..."
 
 

@@ -23,7 +23,7 @@ from smtp_relay.upstream import Upstream, UpstreamSettings
 
 # TLS 1.2 suites offered to clients: forward secrecy and AEAD only (Mozilla's "intermediate" profile). Python's
 # default also takes the CBC-SHA256/384 suites when a client offers nothing else. TLS 1.3 has only AEAD suites.
-SERVER_CIPHERS = "@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+SERVER_CIPHERS = "@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext:

@@ -465,18 +465,8 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
             batch, batched, streamed = [], 0, True
             if protocol._paused:  # the transport's buffer is full: wait until it drains, or the upstream answers
                 await _drained_or_answered(protocol, seconds)
-            _stop_if_answered(client, protocol)
-        _stop_if_answered(client, protocol)
-        if protocol._buffer:
-            # A reply came before the end of data: it is no verdict on the whole message, and the session is out
-            # of step. The final dot is not sent (the upstream must not take a message it may have answered
-            # early); closing the session ends the transaction with nothing delivered. A refusal still coming
-            # in (the first lines of a multi-line 552) is read to its end first, so that its verdict is passed on.
-            early = await _early_reply(protocol, seconds)
-            client.close()
-            if early is not None and early.code >= 400:  # a refusal: its verdict stands
-                raise SMTPDataError(early.code, early.message)
-            raise SMTPDataError(-1, "the upstream replied before the end of data")
+            await _stop_if_answered(client, protocol, seconds)
+        await _stop_if_answered(client, protocol, seconds)
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
@@ -591,16 +581,30 @@ async def _early_reply(protocol: SMTPProtocol, seconds: float) -> SMTPResponse |
         return None
 
 
-def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol) -> None:
-    """Raise the upstream's answer if one came before the end of data (say, 552 once a size limit was crossed).
+async def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol, seconds: float) -> None:
+    """Raise the upstream's answer if one came (or began) before the end of data (say, 552 once a size limit was
+    crossed), or if what came could not be read.
 
-    The rest of the message is then not sent, nor the final dot, which could end a message cut short; closing the
-    session ends the transaction with nothing delivered.
+    The rest of the message is then not sent, nor the final dot, which could end a message cut short or one the
+    upstream already answered; closing the session ends the transaction with nothing delivered. A refusal still
+    coming in (the first lines of a multi-line 552) is read to its end first, so that its verdict is passed on.
     """
-    answer = _answer(protocol)
-    if answer is not None:
+    waiter = protocol._response_waiter
+    if waiter is not None and waiter.done():
         client.close()
-        raise SMTPDataError(answer.code if answer.code >= 400 else -1, answer.message)
+        answer = _answer(protocol)
+        if answer is not None:
+            raise SMTPDataError(answer.code if answer.code >= 400 else -1, answer.message)
+        error = None if waiter.cancelled() else waiter.exception()
+        if isinstance(error, SMTPServerDisconnected):  # the connection was lost: as any lost connection
+            raise error
+        raise SMTPDataError(-1, "unreadable reply before the end of data")  # too long, malformed
+    if protocol._buffer:
+        early = await _early_reply(protocol, seconds)
+        client.close()
+        if early is not None and early.code >= 400:  # a refusal: its verdict stands
+            raise SMTPDataError(early.code, early.message)
+        raise SMTPDataError(-1, "the upstream replied before the end of data")
 
 
 async def _drained_or_answered(protocol: SMTPProtocol, seconds: float) -> None:

@@ -274,3 +274,14 @@ def test_a_message_with_hundreds_of_refused_recipients_is_logged_on_one_short_li
     line = relay.wait_for_log("event=message.refused", "sender=many-refused@example.com")
     assert line is not None and " refused_count=900 " in line, relay.describe()
     assert len(line.encode()) < 4000, len(line.encode())
+    # Control characters, which escaping makes four times longer (six in JSON), do not make it long either.
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<control-refused@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<ok@example.com>")[0] == 250
+        for n in range(6):
+            assert c.cmd(b"RCPT TO:<" + b"\x01" * 240 + f"{n}@evil.test>".encode())[0] >= 500
+        assert send_data(c, MSG)[0] == 554
+    line = relay.wait_for_log("event=message.refused", "sender=control-refused@example.com")
+    assert line is not None and len(line.encode()) < 4000, line and len(line.encode())

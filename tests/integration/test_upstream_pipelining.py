@@ -390,3 +390,58 @@ def test_a_refusal_that_begins_before_the_end_of_data_is_read_to_its_end_and_pas
         assert (stage, code) == ("DATA", 552) and "too big" in text, (stage, code, text)
         time.sleep(0.3)
         assert not upstream.got_dot
+
+
+class UnreadableEarlyReplyUpstream(ThreadedServer):
+    """After 200 KB of a message, answers with a reply the upstream client cannot read (over its 32 KiB reply
+    limit, or not SMTP at all), then reads on; records whether the final dot ever came."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+        self.got_dot = False
+
+    def session(self, conn) -> None:
+        conn.settimeout(10)
+        buffer = b""
+        in_data = False
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"220 unreadable.test ESMTP\r\n")
+            while True:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    return
+                buffer += chunk
+                if in_data:
+                    if b"\r\n.\r\n" in buffer[-(len(chunk) + 5) :]:
+                        self.got_dot = True
+                    if len(buffer) > 200_000 and self.reply:
+                        conn.sendall(self.reply)
+                        self.reply = b""
+                    continue
+                while b"\r\n" in buffer and not in_data:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-unreadable.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go\r\n")
+                        in_data = True
+                    elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                        conn.sendall(b"250 ok\r\n")
+
+
+HUGE_REPLY = (b"552-5.3.4 " + b"x" * 500 + b"\r\n") * 90 + b"552 5.3.4 too big\r\n"  # 45 KB: over 32 KiB
+
+
+@pytest.mark.parametrize("reply", [HUGE_REPLY, b"garbage\r\n"], ids=["over-32KiB", "not-smtp"])
+def test_an_unreadable_reply_before_the_end_of_data_stops_the_message_without_its_final_dot(stack, reply):
+    # The upstream said something while the message was on its way: whatever it was, it must not get the final
+    # dot (it would take the message while the client is told to try again).
+    with UnreadableEarlyReplyUpstream(reply) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20_000  # 20 MB: more than the socket buffers
+        stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], big)
+        assert stage == "DATA" and code >= 400, (stage, code, text)
+        time.sleep(0.5)
+        assert not upstream.got_dot
