@@ -147,7 +147,11 @@ class RelayHandler:
                 **ids,
                 sender=envelope.mail_from,
                 recipients=len(envelope.rcpt_tos),
-                reason="client closed the connection during the delivery; it got no reply",
+                reason=(
+                    "the relay stopped (shutdown past TIMEOUT) during the delivery; the client got no reply"
+                    if server.aborted
+                    else "client closed the connection during the delivery; it got no reply"
+                ),
             )
             raise
         finally:

@@ -139,6 +139,7 @@ class RelaySMTP(SMTP):
         self._tls_established = False
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
         self._client_left = False  # the client closed its side (its replies can no longer be sent)
+        self.aborted = False  # the relay cut the connection (shutdown past TIMEOUT), not the client
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
         self.command_size_limits = _command_size_limits()
@@ -173,8 +174,9 @@ class RelaySMTP(SMTP):
         previous = self.session
         if isinstance(previous, RelaySession):
             # After STARTTLS the SMTP session starts anew (RFC 3207 4.2), but the connection and its log lines
-            # are the same: keep its id, start time and message count.
-            session.id, session.started, session.messages = previous.id, previous.started, previous.messages
+            # are the same: keep its id, start time and message counts.
+            session.id, session.started = previous.id, previous.started
+            session.messages, session.delivered = previous.messages, previous.delivered
         return session
 
     def _create_envelope(self) -> RelayEnvelope:
@@ -613,6 +615,7 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     def abort(self) -> None:
+        self.aborted = True
         if self.transport is not None:
             _writable(self.transport).abort()
 

@@ -3,6 +3,7 @@ second signal exits at once; the connection limit and the client idle timeout.""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 from support.client import RawClient, transaction
-from support.net import wait_until
+from support.net import ThreadedServer, wait_until
 
 MSG = b"Subject: lifecycle\r\n\r\nbody\r\n"
 
@@ -176,3 +177,45 @@ def test_sigterm_with_a_hung_upstream_exits_0_within_the_timeout_and_never_answe
     if isinstance(result[0], tuple):
         assert result[0][1] != 250 and 400 <= result[0][1] < 500, result
     assert upstream.messages == []
+
+
+class SlowUpstream(ThreadedServer):
+    """Answers every command after `delay` seconds: each step within TIMEOUT, a whole delivery well past it."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.mail_commands = 0
+
+    def session(self, conn) -> None:
+        conn.settimeout(10)
+        buffer = b""
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"220 slow.test ESMTP\r\n")
+            while True:  # until the relay hangs up (bounded by the socket timeout)
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                while b"\r\n" in buffer:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    self.mail_commands += line[:4].upper() == b"MAIL"
+                    time.sleep(self.delay)
+                    conn.sendall(b"354 go\r\n" if line[:4].upper() == b"DATA" else b"250 ok\r\n")
+
+
+def test_a_delivery_cut_short_by_the_shutdown_timeout_is_logged_as_the_relays_doing(stack):
+    with SlowUpstream(delay=1.2) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="2")
+        with RawClient(relay.port) as c:
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(MSG + b".\r\n")
+            assert wait_until(lambda: upstream.mail_commands or upstream.sessions, 5)
+            relay.send_signal(signal.SIGTERM)
+            assert relay.wait(10) == 0, relay.describe()
+        line = relay.wait_for_log("event=forward.cancelled")
+        assert line is not None and "the relay stopped" in line and "client closed" not in line, relay.describe()
