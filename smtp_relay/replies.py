@@ -111,7 +111,7 @@ def upstream_reply(code: int, text: str) -> str:
         code = 451
     enhanced = _UPSTREAM_ENHANCED.match(text)
     if enhanced and enhanced[1] == str(code)[0]:
-        return f"{code} {text}"
+        return f"{code} {enhanced[0].strip()} {text[enhanced.end() :].strip() or 'Upstream error'}"
     if enhanced:  # of another class (RFC 3463 3: it must match the reply's): say ours, keep the upstream's text
         text = text[enhanced.end() :].lstrip() or "Upstream error"
     detail = "4.4.0" if code < 500 else "5.0.0"

@@ -49,6 +49,7 @@ def test_an_upstream_enhanced_code_of_another_class_is_replaced() -> None:
     assert replies.upstream_reply(252, "2.1.5 ok") == "451 4.4.0 Upstream: ok"
     assert replies.upstream_reply(421, "4.3.2 shutting down") == "451 4.3.2 shutting down"
     assert replies.upstream_reply(550, "5.1.1 no such user") == "550 5.1.1 no such user"
+    assert replies.upstream_reply(0, "4.0.0") == "451 4.0.0 Upstream error"  # a code alone still gets a text
     assert replies.upstream_reply(554, "4.7.1 later") == "554 5.0.0 Upstream: later"
 
 
