@@ -45,6 +45,8 @@ UPSTREAM_TIMEOUT = "451 4.4.2 Upstream server timed out, try again later"
 UPSTREAM_CONNECTION_LOST = "451 4.4.2 Upstream connection lost, try again later"
 UPSTREAM_CLOSING = "451 4.4.2 Upstream server closing its session, try again later"
 UPSTREAM_TLS_UNAVAILABLE = "451 4.7.5 Upstream TLS not available, try again later"
+# RFC 6152 3: a message declared 8-bit goes on only to a server that takes 8BITMIME; the relay does not convert.
+UPSTREAM_NO_8BITMIME = "554 5.6.3 Conversion required but not supported: the upstream does not accept 8BITMIME"
 UPSTREAM_TLS_FAILED = "451 4.7.5 Upstream TLS failed, try again later"
 UPSTREAM_SESSION_REFUSED = "451 4.4.0 Upstream server refused the relay's session, try again later"
 UPSTREAM_AUTH_FAILED = "451 4.7.0 Upstream authentication failed, try again later"

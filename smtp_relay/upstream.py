@@ -236,11 +236,18 @@ class Upstream:
     ) -> Outcome | object:
         client = conn.client
         dialogue = _Dialogue(client, self.settings.timeout)
+        if eight_bit and not client.supports_extension("8bitmime"):
+            self.pool.release(conn, reusable=True)  # nothing was sent on it
+            return _failed(
+                Stage.MAIL,
+                replies.UPSTREAM_NO_8BITMIME,
+                problem="the client declared BODY=8BITMIME and the upstream does not offer 8BITMIME",
+            )
         try:
             options = []
             if client.supports_extension("size"):
                 options.append(b"SIZE=%d" % (len(header) + body.content_size))
-            if eight_bit and client.supports_extension("8bitmime"):
+            if eight_bit:
                 options.append(b"BODY=8BITMIME")
             if client.supports_extension("pipelining"):
                 await dialogue.pipelined_envelope(mail_from, options, rcpt_tos)

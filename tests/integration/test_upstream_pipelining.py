@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from support.client import RawClient, transaction
+from support.client import RawClient, send_data, transaction
 from support.net import ThreadedServer
 from support.scripted import Script, ScriptedUpstream
 
@@ -445,3 +445,24 @@ def test_an_unreadable_reply_before_the_end_of_data_stops_the_message_without_it
         assert stage == "DATA" and code >= 400, (stage, code, text)
         time.sleep(0.5)
         assert not upstream.got_dot
+
+
+def test_a_message_declared_8bit_is_refused_for_an_upstream_without_8bitmime(stack):
+    # RFC 6152 3: the relay does not convert to 7 bit, so such a message must not go on as if it were 7-bit.
+    with ScriptedUpstream(Script(eight_bit_mime=False)) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        body = "Subject: 8bit\r\n\r\nGrüße\r\n".encode()
+        with RawClient(relay.port) as c:
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain()[0] == 235
+            assert c.cmd("MAIL FROM:<sender@example.com> BODY=8BITMIME")[0] == 250
+            assert c.cmd("RCPT TO:<a@example.com>")[0] == 250
+            code, text = send_data(c, body)
+            assert code == 554 and text.startswith("5.6.3"), (code, text)
+            # Undeclared (7-bit, as far as the client says) it goes on as before.
+            assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<b@example.com>")[0] == 250
+            assert send_data(c, MSG)[0] == 250
+        assert [m[1] for m in upstream.messages] == [["b@example.com"]]
+        assert not any("BODY=8BITMIME" in line for read in upstream.reads for line in read)
+        assert relay.wait_for_log("event=forward.failed", "upstream does not offer 8BITMIME")

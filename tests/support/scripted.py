@@ -19,6 +19,7 @@ from .net import ThreadedServer
 @dataclass
 class Script:
     pipelining: bool = True
+    eight_bit_mime: bool = True  # offer 8BITMIME
     mail: bytes = b"250 2.1.0 OK"
     sender: dict[str, bytes] = field(default_factory=dict)  # address -> reply to its MAIL; others get `mail`
     rcpt: dict[str, bytes] = field(default_factory=dict)  # address -> reply; others get `rcpt_ok`
@@ -74,7 +75,7 @@ class ScriptedUpstream(ThreadedServer):
                 for line in lines:
                     verb = line[:4].upper()
                     if verb == b"EHLO":
-                        caps = [b"scripted.test", b"SIZE 10485760", b"8BITMIME"]
+                        caps = [b"scripted.test", b"SIZE 10485760", *([b"8BITMIME"] * s.eight_bit_mime)]
                         if s.pipelining:
                             caps.append(b"PIPELINING")
                         answers.append(b"\r\n".join(b"250-" + c for c in caps[:-1]) + b"\r\n250 " + caps[-1])
