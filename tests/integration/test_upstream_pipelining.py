@@ -347,36 +347,49 @@ def test_smtp_hostname_names_the_relay_in_its_greeting_its_ehlo_and_its_received
         assert received[0].startswith(b"Received: from ") and b"by relay.example.net" in b" ".join(received), received
 
 
-class SlowEarlyRefusalUpstream(ThreadedServer):
-    """Answers DATA with 354 and, in the same write, the first line of a multi-line 552; the last line follows a
-    second later. Records whether the final dot ever came."""
+class EarlyReplyUpstream(ThreadedServer):
+    """Answers DATA with 354 and, once `after` bytes of the message came (0: in the same write as the 354), with
+    `first`; `rest` follows `gap` seconds later. Reads on, and records whether the final dot ever came."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: bytes, *, after: int = 0, rest: bytes = b"", gap: float = 0.0) -> None:
         super().__init__()
+        self.first, self.after, self.rest, self.gap = first, after, rest, gap
         self.got_dot = False
+
+    def answer_early(self, conn, lead: bytes = b"") -> None:
+        conn.sendall(lead + self.first)
+        self.first = b""
+        if self.rest:
+            time.sleep(self.gap)
+            conn.sendall(self.rest)
 
     def session(self, conn) -> None:
         conn.settimeout(10)
         buffer = b""
+        in_data = False
         with conn, contextlib.suppress(OSError):
-            conn.sendall(b"220 slow.test ESMTP\r\n")
+            conn.sendall(b"220 early.test ESMTP\r\n")
             while True:
-                chunk = conn.recv(65536)
+                chunk = conn.recv(1 << 20)
                 if not chunk:
                     return
                 buffer += chunk
-                if b"\r\n.\r\n" in buffer:
-                    self.got_dot = True
-                while b"\r\n" in buffer and not self.got_dot:
+                if in_data:
+                    self.got_dot = self.got_dot or b"\r\n.\r\n" in buffer[-(len(chunk) + 5) :]
+                    if self.first and len(buffer) > self.after:
+                        self.answer_early(conn)
+                    continue
+                while b"\r\n" in buffer and not in_data:
                     line, buffer = buffer.split(b"\r\n", 1)
                     verb = line[:4].upper()
                     if verb == b"EHLO":
-                        conn.sendall(b"250-slow.test\r\n250 PIPELINING\r\n")
+                        conn.sendall(b"250-early.test\r\n250 PIPELINING\r\n")
                     elif verb == b"DATA":
-                        conn.sendall(b"354 go\r\n552-5.3.4 Message too big\r\n")
-                        time.sleep(1.0)
-                        conn.sendall(b"552 5.3.4 for this system\r\n")
-                        buffer = b""
+                        in_data = True
+                        if self.after:
+                            conn.sendall(b"354 go\r\n")
+                        else:
+                            self.answer_early(conn, b"354 go\r\n")
                     elif verb in (b"MAIL", b"RCPT", b"RSET"):
                         conn.sendall(b"250 ok\r\n")
 
@@ -384,51 +397,13 @@ class SlowEarlyRefusalUpstream(ThreadedServer):
 def test_a_refusal_that_begins_before_the_end_of_data_is_read_to_its_end_and_passed_on(stack):
     # Its first line came before the relay had sent the message: the relay waits for the rest (bounded by
     # TIMEOUT) rather than answering 451, which would have the client retry a message the upstream refuses.
-    with SlowEarlyRefusalUpstream() as upstream:
+    upstream = EarlyReplyUpstream(b"552-5.3.4 Message too big\r\n", rest=b"552 5.3.4 for this system\r\n", gap=1.0)
+    with upstream:
         relay = stack.relay(upstream.port, TIMEOUT="5")
         stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], MSG)
         assert (stage, code) == ("DATA", 552) and "too big" in text, (stage, code, text)
         time.sleep(0.3)
         assert not upstream.got_dot
-
-
-class UnreadableEarlyReplyUpstream(ThreadedServer):
-    """After 200 KB of a message, answers with a reply the upstream client cannot read (over its 32 KiB reply
-    limit, or not SMTP at all), then reads on; records whether the final dot ever came."""
-
-    def __init__(self, reply: bytes) -> None:
-        super().__init__()
-        self.reply = reply
-        self.got_dot = False
-
-    def session(self, conn) -> None:
-        conn.settimeout(10)
-        buffer = b""
-        in_data = False
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(b"220 unreadable.test ESMTP\r\n")
-            while True:
-                chunk = conn.recv(1 << 20)
-                if not chunk:
-                    return
-                buffer += chunk
-                if in_data:
-                    if b"\r\n.\r\n" in buffer[-(len(chunk) + 5) :]:
-                        self.got_dot = True
-                    if len(buffer) > 200_000 and self.reply:
-                        conn.sendall(self.reply)
-                        self.reply = b""
-                    continue
-                while b"\r\n" in buffer and not in_data:
-                    line, buffer = buffer.split(b"\r\n", 1)
-                    verb = line[:4].upper()
-                    if verb == b"EHLO":
-                        conn.sendall(b"250-unreadable.test\r\n250 PIPELINING\r\n")
-                    elif verb == b"DATA":
-                        conn.sendall(b"354 go\r\n")
-                        in_data = True
-                    elif verb in (b"MAIL", b"RCPT", b"RSET"):
-                        conn.sendall(b"250 ok\r\n")
 
 
 HUGE_REPLY = (b"552-5.3.4 " + b"x" * 500 + b"\r\n") * 90 + b"552 5.3.4 too big\r\n"  # 45 KB: over 32 KiB
@@ -438,7 +413,7 @@ HUGE_REPLY = (b"552-5.3.4 " + b"x" * 500 + b"\r\n") * 90 + b"552 5.3.4 too big\r
 def test_an_unreadable_reply_before_the_end_of_data_stops_the_message_without_its_final_dot(stack, reply):
     # The upstream said something while the message was on its way: whatever it was, it must not get the final
     # dot (it would take the message while the client is told to try again).
-    with UnreadableEarlyReplyUpstream(reply) as upstream:
+    with EarlyReplyUpstream(reply, after=200_000) as upstream:
         relay = stack.relay(upstream.port, TIMEOUT="5")
         big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20_000  # 20 MB: more than the socket buffers
         stage, code, text = transaction(relay.port, "sender@example.com", ["a@example.com"], big)
