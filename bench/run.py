@@ -104,13 +104,7 @@ def proc_cpu(pid: int, children: bool = False) -> float:
 
 def tree_cpu(root: int) -> float:
     """CPU of a process, its reaped children, and its live children (Postfix's master and its daemons)."""
-    total = proc_cpu(root, children=True)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            rest = stat.read_text().rsplit(")", 1)[1].split()
-            if int(rest[1]) == root:
-                total += proc_cpu(int(stat.parent.name))
-    return total
+    return proc_cpu(root, children=True) + sum(proc_cpu(pid) for pid in family(root)[1:])
 
 
 def machine_busy() -> tuple[int, int]:

@@ -50,6 +50,17 @@ def _host(value: Any) -> Any:
     return value
 
 
+def _domain_name(value: Any) -> Any:
+    """A host name, not an address: it is said in EHLO, where an address needs brackets (RFC 5321 4.1.3)."""
+    if isinstance(value, str) and value.strip():
+        try:
+            ipaddress.ip_address(value.strip())
+        except ValueError:
+            return value
+        raise ValueError("must be a host name (a FQDN such as relay.example.com), not an address")
+    return value
+
+
 def _utf8(value: Any) -> Any:
     """Secrets go on the wire as UTF-8 (AUTH PLAIN); an environment value that is not UTF-8 cannot."""
     if isinstance(value, str):
@@ -63,19 +74,6 @@ def _utf8(value: Any) -> Any:
 Port = Annotated[int, Field(ge=1, le=65535)]
 DomainList = Annotated[tuple[str, ...], NoDecode]
 Boolean = Annotated[bool, BeforeValidator(_boolean)]
-
-
-def _domain_name(value: Any) -> Any:
-    """A host name, not an address: it is said in EHLO, where an address needs brackets (RFC 5321 4.1.3)."""
-    if isinstance(value, str) and value.strip():
-        try:
-            ipaddress.ip_address(value.strip())
-        except ValueError:
-            return value
-        raise ValueError("must be a host name (a FQDN such as relay.example.com), not an address")
-    return value
-
-
 Host = Annotated[str, BeforeValidator(_host)]
 HostName = Annotated[str, BeforeValidator(_host), BeforeValidator(_domain_name)]
 Secret = Annotated[SecretStr, BeforeValidator(_utf8)]

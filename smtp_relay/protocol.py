@@ -88,11 +88,10 @@ class RelayEnvelope(Envelope):
 
 
 # A log line stays short enough to be written whole (workers share stdout): the refused recipients a line names
-# are the first few, and `refused_count` says how many there were.
+# are the first few, at most so many characters (before escaping, which may make each of them six), and
+# `refused_count` says how many there were.
 LOGGED_ADDRESSES = 5
-
-
-LOGGED_ADDRESSES_LENGTH = 400  # characters before escaping, which may make each of them six
+LOGGED_ADDRESSES_LENGTH = 400
 
 
 def _first_addresses(addresses: list[str]) -> str | None:
@@ -439,14 +438,9 @@ class RelaySMTP(SMTP):
         if envelope.refused_recipients or envelope.unread_commands:
             # A message goes to all its recipients or to none: refused here, before its body is sent for nothing.
             # The transaction ends, as after a refusal at the end of data.
-            self._log_message_refused(envelope)
+            refusal = self._refuse_message(envelope)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            refusal = (
-                replies.MESSAGE_HAD_REFUSED_RECIPIENTS
-                if envelope.refused_recipients
-                else replies.MESSAGE_HAD_UNREAD_COMMAND
-            )
-            await self.push(replies.Logged(refusal))
+            await self.push(refusal)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
@@ -474,7 +468,8 @@ class RelaySMTP(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    def _log_message_refused(self, envelope: RelayEnvelope) -> None:
+    def _refuse_message(self, envelope: RelayEnvelope) -> replies.Logged:
+        """Log why a message is refused at DATA; its reply."""
         session = self.session
         assert isinstance(session, RelaySession)
         session.messages += 1
@@ -489,6 +484,9 @@ class RelaySMTP(SMTP):
             unread_commands=envelope.unread_commands or None,
             reason="a recipient was refused" if envelope.refused_recipients else "a command could not be read",
         )
+        if envelope.refused_recipients:
+            return replies.Logged(replies.MESSAGE_HAD_REFUSED_RECIPIENTS)
+        return replies.Logged(replies.MESSAGE_HAD_UNREAD_COMMAND)
 
     def _refusal_reply(self, body: MessageBody) -> str:
         if body.refusal is Refusal.TOO_BIG:

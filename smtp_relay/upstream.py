@@ -472,8 +472,10 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
             batch, batched, streamed = [], 0, True
             if protocol._paused:  # the transport's buffer is full: wait until it drains, or the upstream answers
                 await _drained_or_answered(protocol, seconds)
-            await _stop_if_answered(client, protocol, seconds)
-        await _stop_if_answered(client, protocol, seconds)
+            if _replied(protocol):
+                await _stop_answered(client, protocol, seconds)
+        if _replied(protocol):
+            await _stop_answered(client, protocol, seconds)
         batch.append(b".\r\n")
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
@@ -588,9 +590,15 @@ async def _early_reply(protocol: SMTPProtocol, seconds: float) -> SMTPResponse |
         return None
 
 
-async def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol, seconds: float) -> None:
-    """Raise the upstream's answer if one came (or began) before the end of data (say, 552 once a size limit was
-    crossed), or if what came could not be read.
+def _replied(protocol: SMTPProtocol) -> bool:
+    """Something came from the upstream before the end of data (checked per write: no coroutine unless so)."""
+    waiter = protocol._response_waiter
+    return bool(protocol._buffer) or (waiter is not None and waiter.done())
+
+
+async def _stop_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol, seconds: float) -> None:
+    """Raise the upstream's answer that came (or began) before the end of data (say, 552 once a size limit was
+    crossed), or the fact that what came could not be read.
 
     The rest of the message is then not sent, nor the final dot, which could end a message cut short or one the
     upstream already answered; closing the session ends the transaction with nothing delivered. A refusal still
@@ -606,12 +614,11 @@ async def _stop_if_answered(client: aiosmtplib.SMTP, protocol: SMTPProtocol, sec
         if isinstance(error, SMTPServerDisconnected):  # the connection was lost: as any lost connection
             raise error
         raise SMTPDataError(-1, "unreadable reply before the end of data")  # too long, malformed
-    if protocol._buffer:
-        early = await _early_reply(protocol, seconds)
-        client.close()
-        if early is not None and early.code >= 400:  # a refusal: its verdict stands
-            raise SMTPDataError(early.code, early.message)
-        raise SMTPDataError(-1, "the upstream replied before the end of data")
+    early = await _early_reply(protocol, seconds)  # begun in the buffer: read to its end
+    client.close()
+    if early is not None and early.code >= 400:  # a refusal: its verdict stands
+        raise SMTPDataError(early.code, early.message)
+    raise SMTPDataError(-1, "the upstream replied before the end of data")
 
 
 async def _drained_or_answered(protocol: SMTPProtocol, seconds: float) -> None:
