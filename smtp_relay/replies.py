@@ -16,6 +16,9 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed logins, try again later"
+# aiosmtpd closes after 5 unknown commands with a 502; a reply that closes the connection is a 421 (RFC 5321 3.8),
+# which a client takes as "try later" rather than as a permanent failure of the mail it may still hold.
+TOO_MANY_UNKNOWN_COMMANDS = "421 4.7.0 Too many unrecognized commands, closing connection"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
@@ -61,6 +64,7 @@ _LIBRARY_REPLIES: dict[str, str] = {
     "552 Error: message size exceeds fixed maximum message size": MESSAGE_TOO_BIG,
     "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
     "553 5.1.3 Error: malformed address": ADDRESS_INVALID,
+    "502 5.5.1 Too many unrecognized commands, goodbye.": TOO_MANY_UNKNOWN_COMMANDS,
     "250 OK": "250 2.0.0 OK",
     "221 Bye": "221 2.0.0 Bye",
     "354 End data with <CR><LF>.<CR><LF>": "354 End data with <CR><LF>.<CR><LF>",

@@ -184,6 +184,20 @@ def test_plaintext_pipelined_after_starttls_is_discarded(tls_relay, tls, rig):
 # -- over-long lines -------------------------------------------------------------------------------------------
 
 
+def test_too_many_unknown_commands_close_the_connection_with_a_421(healthy):
+    """aiosmtpd hangs up after 5 unknown commands; the reply that goes with a close must be a 421, not a 5xx."""
+    relay, _ = healthy
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        for n in range(4):
+            code, text = c.cmd(f"BOGUS{n}")
+            assert code == 500 and "5.5.2" in text, (code, text)
+        code, text = c.cmd("BOGUS4")
+        assert (code, text.split()[0]) == (421, "4.7.0"), (code, text)
+        assert c.closed_by_peer()
+    assert wait_until(lambda: "421 4.7.0 Too many unrecognized commands" in relay.stdout, 5)
+
+
 @pytest.mark.parametrize("length", [513, 4096, 2 * 1024 * 1024])
 def test_over_long_command_line_is_refused_500_and_the_session_goes_on(healthy, length):
     relay, _ = healthy
