@@ -91,7 +91,7 @@ class RelayHandler:
     ) -> str:
         verdict = self.policy.check_sender(address)
         if not verdict.allowed:
-            self._log_refusal("mail.refused", session, address, verdict)
+            self._log_refusal("mail.refused", session, verdict, sender=address)
             return _SENDER_REPLIES[verdict.decision]
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -111,14 +111,14 @@ class RelayHandler:
                 logging.WARNING,
                 "rcpt.refused",
                 **_ids(session),
-                address=address,
+                recipient=address,
                 reason="too_many_recipients",
             )
             return TOO_MANY_RECIPIENTS
         verdict = self.policy.check_recipient(address)
         if not verdict.allowed:
             envelope.refused_recipients.append(address)
-            self._log_refusal("rcpt.refused", session, address, verdict)
+            self._log_refusal("rcpt.refused", session, verdict, recipient=address)
             return _RECIPIENT_REPLIES[verdict.decision]
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -184,12 +184,13 @@ class RelayHandler:
             logs.log.error("internal.error", exc_info=error, extra={"fields": {"reason": type(error).__name__}})
         return _INTERNAL_ERROR
 
-    def _log_refusal(self, name: str, session: RelaySession, address: str, verdict: Verdict) -> None:
+    def _log_refusal(self, name: str, session: RelaySession, verdict: Verdict, **address: str) -> None:
+        """`sender=` or `recipient=`: the same field names as on the accepted lines, so one grep finds both."""
         logs.event(
             logging.WARNING,
             name,
             **_ids(session),
-            address=address,
+            **address,
             domain=verdict.domain or None,
             reason=verdict.decision.value,
         )

@@ -299,7 +299,7 @@ def test_1000_recipients_are_taken_and_the_1001st_gets_452(healthy):
     (stored,) = _stored(sink, marker)
     assert len(stored.rcpt_tos) == 1000
     # Logged as the other recipient refusals are: the address and a reason.
-    line = relay.wait_for_log("event=rcpt.refused", "address=r1000@example.com", "reason=too_many_recipients")
+    line = relay.wait_for_log("event=rcpt.refused", "recipient=r1000@example.com", "reason=too_many_recipients")
     assert line is not None, relay.describe()
 
 
