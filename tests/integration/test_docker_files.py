@@ -264,13 +264,25 @@ def compose_service() -> dict:
 
 
 def compose_defaults() -> dict[str, str]:
-    """The environment the container gets with no .env: every ${NAME:-default} resolved to its default."""
-    resolved = {}
+    """The environment the container gets with no .env: every ${NAME-default} resolved to its default."""
+    return {name: interpolate(value, {}) for name, value in compose_service()["environment"].items()}
+
+
+def interpolate(value: object, dotenv: dict[str, str]) -> str:
+    """Compose's `${NAME-default}` with the variables of `dotenv`: the default only when NAME is not set.
+
+    `-`, not `:-` (which also replaces an empty value): `LOG_FILE=` in .env must reach the relay as stdout-only
+    logging, and an empty allowlist or password must be refused, not silently become the default.
+    """
+    match = re.fullmatch(r"\$\{(\w+)-([^}]*)\}", str(value))
+    assert match, f"use ${{NAME-default}} so .env can set it, also to empty ({value!r})"
+    return dotenv.get(match[1], match[2])
+
+
+def test_compose_passes_each_variable_of_env_on_by_its_own_name():
     for name, value in compose_service()["environment"].items():
-        match = re.fullmatch(r"\$\{(\w+):?-([^}]*)\}", str(value))
-        assert match and match[1] == name, f"{name}: use ${{{name}:-default}} so .env can set it ({value!r})"
-        resolved[name] = match[2]
-    return resolved
+        assert interpolate(value, {name: "from-dotenv"}) == "from-dotenv", name
+        assert interpolate(value, {name: ""}) == "", f"{name}: an empty value in .env must reach the relay"
 
 
 def commented_assignments(path: Path, separator: str) -> set[str]:
@@ -335,9 +347,7 @@ def test_compose_service_matches_the_readme_quick_start_and_the_image():
     ):
         assert line in text, f"the commented Docker secrets example lacks {line!r}"
     for twin in SECRET_TWINS:
-        assert re.search(rf"#\s*{twin}: \$\{{{twin}:-/run/secrets/\w+\}}", text), twin
-    # An empty password in .env must reach the relay (which refuses it), not become the default password.
-    assert service["environment"]["SMTP_AUTH_PASSWORD"] == "${SMTP_AUTH_PASSWORD-password}"
+        assert re.search(rf"#\s*{twin}: \$\{{{twin}-/run/secrets/\w+\}}", text), twin
 
 
 # -- ENTRYPOINT and HEALTHCHECK as written, as the image's user, from a virtual environment ------------------------
