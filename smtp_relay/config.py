@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
     smtp_auth_password_file: Path | None = None
     allowed_from_domains: DomainList = ("example.com",)
     allowed_to_domains: DomainList = ("example.com",)
-    smtp_hostname: HostName = ""
+    smtp_hostname: HostName = Field("", validate_default=True)
     listen_host: Host = "0.0.0.0"
     listen_port: Port = 1025
     use_tls: Boolean = False
@@ -171,6 +172,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("smtp_hostname")
+    @classmethod
+    def _machine_name_if_empty(cls, value: str) -> str:
+        """Empty means the machine's host name (a container's id): resolved here, so --check-config shows the
+        name the relay will use."""
+        return value or socket.gethostname() or "smtp-relay"
 
     @property
     def policy(self) -> RelayPolicy:

@@ -105,7 +105,7 @@ class RelayServer:
     def __init__(self, settings: Settings, logins: FailureTable | None = None) -> None:
         """`logins`: the failed-login table shared by all workers (see `workers`); a single relay makes its own."""
         self.settings = settings
-        self.hostname = settings.smtp_hostname or socket.gethostname() or "smtp-relay"
+        self.hostname = settings.smtp_hostname
         self.connections: set[RelaySMTP] = set()
         self._tls_context = server_tls_context(settings) if settings.use_tls else None
         self._upstream = Upstream(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,19 @@ def test_cgroup_quotas_of_the_own_group_and_its_parents_are_read(tmp_path: Path)
     limits = sorted(limit for limit in (cgroup_cpu_limit(*texts) for texts in found) if limit is not None)
     assert limits == [2.5, 3.0]
     assert config._cgroup_files(base, tmp_path / "missing") == [("max 100000\n", None)]  # only the root's own
+
+
+@pytest.mark.parametrize("given", [None, "", "  "])
+def test_smtp_hostname_unset_or_empty_is_the_machines_name_as_check_config_shows(
+    monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    if given is not None:
+        monkeypatch.setenv("SMTP_HOSTNAME", given)
+    s = load_settings()
+    assert s.smtp_hostname == (socket.gethostname() or "smtp-relay")
+    assert s.masked()["SMTP_HOSTNAME"] == s.smtp_hostname
+
+
+def test_smtp_hostname_given_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_HOSTNAME", "relay.example.com")
+    assert load_settings().smtp_hostname == "relay.example.com"
