@@ -227,6 +227,7 @@ class RelaySMTP(SMTP):
                         session=session.id,
                         peer=session.peer_text,
                         user=session.user,
+                        helo=session.host_name or None,
                         messages=session.messages,
                         delivered=session.delivered,
                         refusals=self._errors or None,

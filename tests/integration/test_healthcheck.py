@@ -36,6 +36,9 @@ def test_healthcheck_of_a_running_relay_exits_0_quickly_and_silently(stack):
     code, err, elapsed = _healthcheck(relay.env)
     assert (code, err) == (0, ""), err
     assert elapsed < FAST, f"healthcheck took {elapsed:.2f}s"
+    # Logged like any connection, and recognisable by its EHLO name on the summary line.
+    line = relay.wait_for_log("event=disconnect", f"helo={EHLO_NAME}", "messages=0")
+    assert line and "peer=127.0.0.1:" in line, relay.describe()
 
 
 def test_healthcheck_of_a_relay_with_every_connection_in_use_is_healthy(stack):
