@@ -63,7 +63,7 @@ def _domain_name(value: Any) -> Any:
 
 
 def _utf8(value: Any) -> Any:
-    """Secrets go on the wire as UTF-8 (AUTH PLAIN); an environment value that is not UTF-8 cannot."""
+    """Credentials go on the wire as UTF-8 (AUTH PLAIN); an environment value that is not UTF-8 cannot."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -78,6 +78,7 @@ Boolean = Annotated[bool, BeforeValidator(_boolean)]
 Host = Annotated[str, BeforeValidator(_host)]
 HostName = Annotated[str, BeforeValidator(_host), BeforeValidator(_domain_name)]
 Secret = Annotated[SecretStr, BeforeValidator(_utf8)]
+UserName = Annotated[str, BeforeValidator(_utf8)]
 
 
 class ConfigError(Exception):
@@ -102,7 +103,7 @@ class Settings(BaseSettings):
         env_file=None,
     )
 
-    smtp_auth_username: str = Field("user", min_length=1)
+    smtp_auth_username: UserName = Field("user", min_length=1)
     smtp_auth_password: Secret = SecretStr(DEFAULT_PASSWORD)
     smtp_auth_password_file: Path | None = None
     allowed_from_domains: DomainList = ("example.com",)
@@ -117,7 +118,7 @@ class Settings(BaseSettings):
     relay_port: Port = 25
     relay_use_tls: Boolean = True
     relay_use_ssl: Boolean = False
-    relay_username: str = ""
+    relay_username: UserName = ""
     relay_password: Secret = SecretStr("")
     relay_password_file: Path | None = None
     relay_tls_verify: Boolean = True

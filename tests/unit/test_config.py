@@ -111,6 +111,17 @@ def test_a_secret_that_is_not_utf8_is_refused_without_showing_it(
     assert err.value.variable == variable and "secret" not in str(err.value)
 
 
+@pytest.mark.parametrize("variable", ["SMTP_AUTH_USERNAME", "RELAY_USERNAME"])
+def test_a_username_that_is_not_utf8_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """Not only at the first AUTH: the upstream one used to start, then answer 451 with a traceback per message."""
+    monkeypatch.setenv("RELAY_USERNAME", "relay")
+    monkeypatch.setenv("RELAY_PASSWORD", "fine")
+    monkeypatch.setenv(variable, "us\udcffer")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == variable and "UTF-8" in str(err.value)
+
+
 def test_domain_lists_split_on_commas_and_ignore_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOWED_TO_DOMAINS", " a.com , *.b.org,c.net ,")
     assert load_settings().allowed_to_domains == ("a.com", "*.b.org", "c.net")
