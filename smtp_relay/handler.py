@@ -58,7 +58,9 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        lines = [line for line in responses[:-1]]  # the last one is aiosmtpd's "250 HELP"
+        lines = responses[:-1]  # the last one is aiosmtpd's "250 HELP"
+        if session.authenticated:  # RFC 4954 4: a second AUTH is refused (503), so it is not offered again
+            lines = [line for line in lines if not line.startswith("250-AUTH ")]
         lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
         lines[-1] = "250 " + lines[-1][4:]
         return lines

@@ -66,6 +66,20 @@ def test_ehlo_advertises_auth_plain_login_and_no_starttls_without_use_tls(relay)
         quit_quietly(smtp)
 
 
+def test_ehlo_after_a_successful_auth_no_longer_offers_auth(relay):
+    """AUTH is advertised only where it is allowed: after a login a second AUTH is refused (RFC 4954 4)."""
+    smtp = authed(relay.port)
+    try:
+        code, _ = smtp.ehlo("again.test")
+        assert code == 250
+        assert not smtp.has_extn("auth"), smtp.esmtp_features
+        assert smtp.has_extn("size") and smtp.has_extn("pipelining")
+        assert smtp.docmd("AUTH", "PLAIN " + plain_b64(CLIENT_USER, CLIENT_PASSWORD))[0] == 503
+        assert smtp.mail("sender@example.com")[0] == 250  # still logged in
+    finally:
+        quit_quietly(smtp)
+
+
 # -- AUTH ---------------------------------------------------------------------------------------------
 
 
