@@ -160,8 +160,10 @@ class MessageBody:
     """The wire form of one message, spooled (memory up to `memory_limit`, then a temporary file).
 
     `feed()` takes body bytes in any pieces and tracks the size, the longest line and whether a bare CR or LF
-    occurs, with C-level byte operations only; the first limit crossed, in stream order, refuses the body and
-    discards what was stored. `chunks()` gives the bytes to send after the upstream's 354 (the ".<CR><LF>" is
+    occurs, with C-level byte operations only; a limit crossed refuses the body and discards what was stored.
+    The size limit counts the message as RFC 1870 does (the dots the client doubled at line starts are not
+    part of it), and a message over it is refused as too big even when a line too long came first: the size
+    is still counted to the end. `chunks()` gives the bytes to send after the upstream's 354 (the ".<CR><LF>" is
     the sender's); it can be called again to resend from the start. `close()` frees the temporary file.
     """
 
@@ -175,6 +177,8 @@ class MessageBody:
         self.line_limit = line_limit
         self.memory_limit = memory_limit
         self.size = 0  # wire bytes received (CRLFs and stuffing dots included, the final ".\r\n" excluded)
+        self.stuffing = 0  # dots the client doubled at CRLF line starts: in `size`, not in the message
+        self._line_start = True  # the next byte fed starts a line (the CRLF ending DATA started the first)
         self.bare_line_ends = 0  # bare CRs and LFs seen
         self.refusal: Refusal | None = None
         self.spool_error: OSError | None = None
@@ -201,35 +205,42 @@ class MessageBody:
             data = data[:-1]
             if not data:
                 return
-        if self.refusal is not None:
+        refusal = self.refusal
+        if refusal is not None:
+            if refusal is Refusal.LINE_TOO_LONG and self._count(data):  # a message also too big is answered so
+                self.refusal = Refusal.TOO_BIG
             return
         crlf = data.count(b"\r\n")
         bare = data.count(b"\r") + data.count(b"\n") - 2 * crlf
-        too_big = self.size_limit is not None and self.size + len(data) > self.size_limit
-        if bare or too_big or not _lines_fit(data, self._line, self.line_limit - 2):
-            self._feed_exactly(data)
+        line = self._line
+        if self._count(data):
+            self._refuse(Refusal.TOO_BIG)
+            return
+        if bare or not _lines_fit(data, line, self.line_limit - 2):
+            self._feed_exactly(data, crlf, bare, line)
             return
         # The common case: CRLF lines only, all within the limit. No per-line objects (a 100 KB body has 1300).
-        self.size += len(data)
-        self._line = len(data) - data.rfind(b"\n") - 1 if crlf else self._line + len(data)
+        self._line = len(data) - data.rfind(b"\n") - 1 if crlf else line + len(data)
         self._store(data)
 
-    def _feed_exactly(self, data: bytes) -> None:
-        """`feed` line by line: bare CR or LF to count, or a limit crossed (which one first decides the reply)."""
+    def _count(self, data: bytes) -> bool:
+        """Add `data` to the size; True if the message is now over the size limit."""
+        self.size += len(data)
+        self.stuffing += data.count(b"\r\n.") + (self._line_start and data[:1] == b".")
+        self._line_start = data.endswith(b"\r\n")
+        return self.size_limit is not None and self.size - self.stuffing > self.size_limit
+
+    def _feed_exactly(self, data: bytes, crlf: int, bare: int, line: int) -> None:
+        """`feed` for data (already counted) with a bare CR or LF to count, or a line over the limit."""
         pieces = data.split(b"\r\n")
-        crlf = len(pieces) - 1
-        bare = (data.count(b"\r") - crlf) + (data.count(b"\n") - crlf)
-        first = self._line + len(pieces[0])
+        first = line + len(pieces[0])
         if crlf:
             longest = max(first, max(map(len, pieces[1:-1]), default=0), len(pieces[-1]))
         else:
             longest = first
-        too_long = longest + 2 > self.line_limit
-        too_big = self.size_limit is not None and self.size + len(data) > self.size_limit
-        if too_long or too_big:
-            self._refuse(self._first_refusal(pieces, data, too_long, too_big))
+        if longest + 2 > self.line_limit:
+            self._refuse(Refusal.LINE_TOO_LONG)
             return
-        self.size += len(data)
         self.bare_line_ends += bare
         self._line = len(pieces[-1]) if crlf else first
         self._store(data)
@@ -239,31 +250,13 @@ class MessageBody:
         if self._cr_held:
             # Cannot happen after a real end of data (the body then ends with CRLF); kept exact all the same.
             self._cr_held = False
-            if self.refusal is None:
+            if self._count(b"\r") and self.refusal in (None, Refusal.LINE_TOO_LONG):
+                self._refuse(Refusal.TOO_BIG)
+            elif self.refusal is None:
                 self._line = 0
-                self.size += 1
                 self.bare_line_ends += 1
-                if self.size_limit is not None and self.size > self.size_limit:
-                    self._refuse(Refusal.TOO_BIG)
-                else:
-                    self._store(b"\r")
+                self._store(b"\r")
         self._finished = True
-
-    def _first_refusal(self, pieces: list[bytes], data: bytes, too_long: bool, too_big: bool) -> Refusal:
-        """Which limit this piece crosses first: the byte that exceeds the size, or the byte that makes a line
-        (its CRLF counted) longer than the line limit."""
-        big_at = self.size_limit - self.size if too_big and self.size_limit is not None else len(data) + 1
-        long_at = len(data) + 1
-        if too_long:
-            offset, carried = 0, self._line
-            allowed = self.line_limit - 2  # bytes a line may have besides its CRLF
-            for piece in pieces:
-                if carried + len(piece) > allowed:
-                    long_at = offset + (allowed - carried)
-                    break
-                offset += len(piece) + 2
-                carried = 0
-        return Refusal.LINE_TOO_LONG if long_at < big_at else Refusal.TOO_BIG
 
     def _refuse(self, why: Refusal) -> None:
         self.refusal = why
@@ -307,7 +300,7 @@ class MessageBody:
     @property
     def content_size(self) -> int:
         """An upper bound of the message size as RFC 1870 counts it (no stuffing dots, CRLF line ends)."""
-        return self.size + self.bare_line_ends
+        return self.size - self.stuffing + self.bare_line_ends
 
     def chunks(self) -> Iterator[bytes]:
         """The bytes to send upstream after its 354, from the start (the caller adds ".<CR><LF>")."""

@@ -146,10 +146,11 @@ def test_leading_dots_and_8bit_bytes_arrive_unchanged(healthy):
 
 
 def _sized(marker: str, size: int) -> bytes:
-    """Wire bytes of exactly `size` (CRLFs and stuffing dots counted, the final '.<CR><LF>' not)."""
+    """Wire bytes of a message of exactly `size` bytes as RFC 1870 counts it (CRLFs counted; the dot the client
+    doubled and the final '.<CR><LF>' not)."""
     head = f"X-Case: {marker}\r\n\r\n..dot\r\n".encode()
     line = b"s" * 998 + b"\r\n"
-    n, rest = divmod(size - len(head), len(line))
+    n, rest = divmod(size + 1 - len(head), len(line))
     assert rest == 0 or rest >= 2
     return head + line * n + (b"t" * (rest - 2) + b"\r\n" if rest else b"")
 

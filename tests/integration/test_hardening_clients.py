@@ -304,11 +304,11 @@ def test_1000_recipients_are_taken_and_the_1001st_gets_452(healthy):
 
 
 def _sized(marker: str, size: int) -> bytes:
-    """DATA bytes of exactly `size` as the relay counts them: every line as sent, CRLF and stuffing dots included,
-    the terminating '.<CR><LF>' excluded."""
+    """DATA bytes of a message of exactly `size` bytes as RFC 1870 counts it: CRLFs included; the dot the client
+    doubled (one line here starts with a dot) and the terminating '.<CR><LF>' excluded."""
     head = f"X-Case: {marker}\r\n\r\n..stuffed line\r\n".encode()
     lines = [head]
-    left = size - len(head)
+    left = size - (len(head) - 1)
     while left > 0:
         n = min(998, left - 2) if left >= 3 else None
         if n is None:  # 1 or 2 bytes left: shorten the previous line
@@ -319,7 +319,7 @@ def _sized(marker: str, size: int) -> bytes:
         lines.append(b"s" * n + b"\r\n")
         left -= n + 2
     data = b"".join(lines)
-    assert len(data) == size
+    assert len(data) == size + 1
     return data
 
 
@@ -341,6 +341,19 @@ def test_message_of_exactly_max_message_size_passes_and_one_byte_more_is_refused
     else:
         assert code == 552 and "5.3.4" in text, (code, text)
         assert not stored
+
+
+def test_a_message_over_the_limit_in_one_long_line_is_refused_as_too_big(healthy):
+    """Too big (552) although its line also grew too long before the size limit was crossed."""
+    relay, sink = healthy
+    marker = uuid.uuid4().hex
+    with _authed(relay) as c:
+        _envelope(c)
+        code, text = send_data(c, f"X-Case: {marker}\r\n\r\n".encode() + b"x" * (MAX_SIZE + 10) + b"\r\n")
+        assert (code, text.split()[0]) == (552, "5.3.4"), (code, text)
+        assert c.cmd("RSET")[0] == 250
+    assert relay.wait_for_log("event=data.refused", "MAX_MESSAGE_SIZE")
+    assert not _stored(sink, marker)
 
 
 def test_30mb_message_against_a_64k_limit_is_refused_with_bounded_memory(healthy):

@@ -180,11 +180,21 @@ def test_leading_dots_and_8bit_bytes_pass_unchanged():
 
 @settings(max_examples=200, deadline=None)
 @given(content=contents, cuts=cut_lists, limit=st.integers(min_value=0, max_value=400))
-def test_size_limit_counts_wire_bytes_and_refuses_one_over(content, cuts, limit):
+def test_size_limit_counts_the_message_as_rfc_1870_and_refuses_one_over(content, cuts, limit):
+    """The message's bytes with CRLF line ends, without the dots the client doubled (RFC 1870 4)."""
     wire = rfc_client_wire(content)
     body, rest = run_receive(wire + b".\r\nQUIT\r\n", cuts, size_limit=limit)
     assert rest == b"QUIT\r\n", "a refused body is still read to its end"
-    assert (body.refusal is Refusal.TOO_BIG) == (len(wire) > limit)
+    assert (body.refusal is Refusal.TOO_BIG) == (len(normalised(content)) > limit)
+    if body.refusal is None:
+        assert body.content_size == len(normalised(content)) and body.size == len(wire)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_doubled_dots_do_not_count_toward_the_size_limit(extra):
+    content = b".a\r\n" * 100 + b"x" * extra + b"\r\n"  # 402 (+1) bytes; 502 (+1) on the wire
+    body, _ = run_receive(rfc_client_wire(content) + b".\r\n", [1, 4, 5, 6, 7, 200], size_limit=402)
+    assert body.refusal is (Refusal.TOO_BIG if extra else None)
 
 
 @pytest.mark.parametrize("extra", [0, 1])
@@ -211,12 +221,15 @@ def test_line_limit_is_aiosmtpds_1001_bytes_with_the_crlf(lengths, cuts, bare):
     assert (body.refusal is Refusal.LINE_TOO_LONG) == too_long
 
 
-def test_the_first_limit_crossed_decides():
+@pytest.mark.parametrize("cuts", [[], [700, 1400, 2000], list(range(0, 5000, 64))])
+def test_a_message_over_the_size_limit_is_too_big_even_when_a_long_line_came_first(cuts):
     long_first = b"a" * 1500 + b"\r\n" + b"b" * 900 + b"\r\n"
-    body, _ = run_receive(long_first + b".\r\n", [], size_limit=1200)
+    body, _ = run_receive(long_first + b".\r\n", cuts, size_limit=2403)  # the message has 2404 bytes
+    assert body.refusal is Refusal.TOO_BIG
+    body, _ = run_receive(long_first + b".\r\n", cuts, size_limit=2404)
     assert body.refusal is Refusal.LINE_TOO_LONG
     big_first = (b"b" * 900 + b"\r\n") * 3 + b"a" * 1500 + b"\r\n"
-    body, _ = run_receive(big_first + b".\r\n", [], size_limit=1200)
+    body, _ = run_receive(big_first + b".\r\n", cuts, size_limit=1200)
     assert body.refusal is Refusal.TOO_BIG
 
 
