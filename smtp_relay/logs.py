@@ -304,15 +304,30 @@ def flush_all() -> None:
 
 
 def check_log_file(settings: Settings) -> None:
-    """For `--check-config`: LOG_FILE can be written, as far as can be told without creating it."""
+    """For `--check-config`: LOG_FILE can be opened for appending, leaving no trace.
+
+    An existing file is opened for appending (which writes nothing); a missing one in an existing directory is
+    created and removed again. Permission bits alone cannot tell (root may be refused, say under /proc). A file
+    whose directories are still to be made is judged by the nearest existing one.
+    """
     if not settings.log_file:
         return
     path = Path(settings.log_file)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
     if path.is_dir():
         raise ConfigError("LOG_FILE", f"{str(path)!r} is a directory")
-    if not os.access(existing, os.W_OK | (0 if existing == path else os.X_OK)):
-        raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {str(existing)!r} is not writable")
+    try:
+        if path.exists():
+            path.open("a").close()
+        elif path.parent.is_dir():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+            path.unlink()
+        else:
+            existing = next((p for p in path.parents if p.exists()), Path("/"))
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(0, f"{str(existing)!r} is not writable")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {reason}") from None
 
 
 def setup(settings: Settings) -> None:

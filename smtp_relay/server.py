@@ -92,7 +92,7 @@ def bind(host: str, port: int, shown_port: int | None = None) -> list[socket.soc
 
 def preflight(settings: Settings) -> None:
     """What `--check-config` can try without taking the port (a running relay may hold it): the TLS files load,
-    LISTEN_HOST is an address of this host, LOG_FILE looks writable. Raises ConfigError."""
+    LISTEN_HOST is an address of this host, LOG_FILE can be opened for appending. Raises ConfigError."""
     RelayServer(settings)  # builds the TLS contexts
     for sock in bind(settings.listen_host, 0, shown_port=settings.listen_port):
         sock.close()

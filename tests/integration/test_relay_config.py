@@ -107,7 +107,18 @@ BAD_AT_START = {
     "listen-host-not-of-this-host": (lambda tmp: {"LISTEN_HOST": "192.0.2.1"}, "LISTEN_HOST"),
     "listen-host-unknown": (lambda tmp: {"LISTEN_HOST": "no-such-host.invalid"}, "LISTEN_HOST"),
     "log-file-is-a-directory": (lambda tmp: {"LOG_FILE": str(tmp)}, "LOG_FILE"),
+    # Root passes every permission check, yet cannot create a file here: only trying tells.
+    "log-file-cannot-be-created": (lambda tmp: {"LOG_FILE": "/proc/smtp-relay.log"}, "LOG_FILE"),
 }
+
+
+def test_check_config_leaves_no_trace_of_its_log_file_check(tmp_path):
+    log = tmp_path / "relay.log"
+    assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(log)}, timeout=10).returncode == 0
+    assert not log.exists()
+    log.write_text("kept\n")
+    assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(log)}, timeout=10).returncode == 0
+    assert log.read_text() == "kept\n"
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["start", "check-config"])
