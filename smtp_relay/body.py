@@ -302,6 +302,22 @@ class MessageBody:
         """An upper bound of the message size as RFC 1870 counts it (no stuffing dots, CRLF line ends)."""
         return self.size - self.stuffing + self.bare_line_ends
 
+    def header_is_ascii(self) -> bool:
+        """Whether the header section (up to the first empty line) is ASCII: a message marked SMTPUTF8 that needs
+        none of it may go to an upstream without SMTPUTF8."""
+        tail = b""
+        for chunk in self.chunks():
+            block = tail + chunk
+            if not tail and block.startswith(b"\r\n"):  # no header at all
+                return True
+            end = block.find(b"\r\n\r\n")
+            if end >= 0:
+                return block[:end].isascii()
+            if not block.isascii():
+                return False
+            tail = block[-3:]
+        return True
+
     def chunks(self) -> Iterator[bytes]:
         """The bytes to send upstream after its 354, from the start (the caller adds ".<CR><LF>")."""
         assert self._finished and self.refusal is None and not self._closed

@@ -37,6 +37,7 @@ _RECIPIENT_REPLIES = {
     Decision.DOMAIN_NOT_ALLOWED: replies.Logged(replies.RECIPIENT_DOMAIN_DENIED),
 }
 _INTERNAL_ERROR = replies.Logged(replies.INTERNAL_ERROR)
+_NEEDS_SMTPUTF8 = replies.Logged(replies.ADDRESS_NEEDS_SMTPUTF8)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -91,6 +92,9 @@ class RelayHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if not (address.isascii() or envelope.smtp_utf8):
+            logs.event(logging.WARNING, "mail.refused", **_ids(session), sender=address, reason="smtputf8_required")
+            return _NEEDS_SMTPUTF8
         verdict = self.policy.check_sender(address)
         if not verdict.allowed:
             self._log_refusal("mail.refused", session, verdict, sender=address)
@@ -117,6 +121,10 @@ class RelayHandler:
                 reason="too_many_recipients",
             )
             return TOO_MANY_RECIPIENTS
+        if not (address.isascii() or envelope.smtp_utf8):
+            envelope.refused_recipients.append(address)
+            logs.event(logging.WARNING, "rcpt.refused", **_ids(session), recipient=address, reason="smtputf8_required")
+            return _NEEDS_SMTPUTF8
         verdict = self.policy.check_recipient(address)
         if not verdict.allowed:
             envelope.refused_recipients.append(address)
@@ -131,12 +139,12 @@ class RelayHandler:
         session.messages += 1
         ids = _ids(session, message=session.messages)
         assert envelope.mail_from is not None and envelope.body is not None
-        header = self._received_header(server, session)
+        header = self._received_header(session, envelope.smtp_utf8)
         eight_bit = "BODY=8BITMIME" in envelope.mail_options
         server.pause_idle_timeout()
         try:
             outcome = await self.upstream.deliver(
-                envelope.mail_from, envelope.rcpt_tos, header, envelope.body, eight_bit
+                envelope.mail_from, envelope.rcpt_tos, header, envelope.body, eight_bit, envelope.smtp_utf8
             )
         except Exception:
             logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
@@ -197,11 +205,12 @@ class RelayHandler:
             reason=verdict.decision.value,
         )
 
-    def _received_header(self, server: RelaySMTP, session: RelaySession) -> bytes:
-        """RFC 5321 4.4 trace header; the client's HELO name is reduced to safe characters."""
+    def _received_header(self, session: RelaySession, smtp_utf8: bool) -> bytes:
+        """RFC 5321 4.4 trace header; the client's HELO name is reduced to safe characters. The protocol name is
+        one of RFC 3848's (RFC 6531's UTF8SMTP... for an SMTPUTF8 transaction)."""
         helo = _HELO_UNSAFE.sub("_", session.host_name or "unknown")[:255]
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        protocol = "UTF8SMTP" if smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"
         if session.authenticated:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -333,12 +334,16 @@ def check_log_file(settings: Settings) -> None:
 def setup(settings: Settings) -> None:
     """Send our events to stdout and LOG_FILE; keep libraries that log protocol lines quiet."""
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
+    # Lines are UTF-8 text (addresses may be, with SMTPUTF8): a stdout of another encoding escapes what it cannot
+    # show instead of failing, which would drop the line.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     streams: list[TextIO] = [sys.stdout]
     if settings.log_file:
         path = Path(settings.log_file)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            streams.append(path.open("a", encoding="utf-8"))
+            streams.append(path.open("a", encoding="utf-8", errors="backslashreplace"))
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {reason}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -150,11 +151,29 @@ class DomainAllowlist:
 
 
 _FORBIDDEN_LOCAL = frozenset("%!")
+# In a non-ASCII (SMTPUTF8) local part: controls, lone surrogates (bytes that were not UTF-8), unassigned and
+# private code points, and spaces and separators of any kind never belong in an address.
+_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Cn", "Co", "Zs", "Zl", "Zp"})
+# Format characters that reorder or hide text (bidi controls), which could make a log line read differently.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _local_part_problem(local: str) -> Decision | None:
+    """For a non-ASCII local part: MALFORMED for characters that are not text, ROUTING for one whose
+    compatibility form (NFKC, as a receiving system may apply) has a routing character: the fullwidth percent
+    sign (U+FF05) is `%`."""
+    for ch in local:
+        if ch >= "\x80" and (unicodedata.category(ch) in _BAD_CATEGORIES or ch in _BIDI_CONTROLS):
+            return Decision.MALFORMED
+    folded = unicodedata.normalize("NFKC", local)
+    if _FORBIDDEN_LOCAL.intersection(folded) or (not local.startswith('"') and ("@" in folded or '"' in folded)):
+        return Decision.ROUTING
+    return None
 
 
 def split_address(address: str) -> tuple[str, str] | None:
     """Split local@domain at the last @; None if there is no domain or the address has control characters."""
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in address):
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in address):
         return None
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
@@ -178,6 +197,10 @@ def check_address(address: str, allowlist: DomainAllowlist) -> Verdict:
     local, raw_domain = parts
     if _FORBIDDEN_LOCAL.intersection(local):
         return Verdict(Decision.ROUTING, raw_domain)
+    if not local.isascii():
+        problem = _local_part_problem(local)
+        if problem is not None:
+            return Verdict(problem, raw_domain)
     if local.startswith('"'):
         inner = local[1:-1] if local.endswith('"') and len(local) >= 2 else None
         if inner is None or "@" in inner or "\\" in inner:
@@ -192,6 +215,16 @@ def check_address(address: str, allowlist: DomainAllowlist) -> Verdict:
     if not allowlist.matches(domain):
         return Verdict(Decision.DOMAIN_NOT_ALLOWED, domain)
     return Verdict(Decision.ALLOWED, domain)
+
+
+def ascii_address(address: str) -> str | None:
+    """The same address in ASCII, for an upstream without SMTPUTF8: the domain as A-labels (the same domain, RFC
+    5890); None if the local part is not ASCII, which has no ASCII form."""
+    parts = split_address(address)
+    if parts is None or not parts[0].isascii():
+        return None
+    domain = parts[1] if parts[1].isascii() else normalize_domain(parts[1])
+    return None if domain is None else f"{parts[0]}@{domain}"
 
 
 # Verdicts remembered per policy: applications send from and to the same few addresses over and over.

@@ -47,6 +47,15 @@ _SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
 
+def _utf8_text(text: str) -> bool:
+    """False if `text` holds bytes that were not UTF-8 (decoded by aiosmtpd with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class RelaySession(Session):
     """aiosmtpd's session plus a short id that ties together every log line of one connection."""
 
@@ -117,11 +126,10 @@ class ConnectionTracker(Protocol):
 # relay's policy decisions are always logged): after that only their number, in the `disconnect` line, so that a
 # client that keeps sending what is refused cannot flood the log.
 LOGGED_REFUSALS = 20
-# aiosmtpd's refusals of a command line it could not read (not ASCII, too long, a command word that is not ASCII
-# or an empty line): it never learnt which command it was.
-_UNREAD_COMMAND_REPLIES = frozenset(
-    {"500 Error: strict ASCII mode", "500 Command line too long", "500 Error: bad syntax"}
-)
+# aiosmtpd's refusals of a command line it could not read (too long, a command word that is not ASCII, or an
+# empty line): it never learnt which command it was. (Arguments that are not UTF-8 reach the commands, which
+# refuse them: see `_utf8_text`.)
+_UNREAD_COMMAND_REPLIES = frozenset({"500 Command line too long", "500 Error: bad syntax"})
 
 
 class RelaySMTP(SMTP):
@@ -300,7 +308,7 @@ class RelaySMTP(SMTP):
                 envelope = self.envelope
                 if library in _UNREAD_COMMAND_REPLIES and isinstance(envelope, RelayEnvelope) and envelope.mail_from:
                     envelope.unread_commands += 1
-            response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            response = status.encode("utf-8", "backslashreplace")  # never a client's invalid byte back
         else:
             response = status
         if transport is None or gone:
@@ -352,6 +360,9 @@ class RelaySMTP(SMTP):
         # RFC 2034: the EHLO/HELO reply lines carry no enhanced status codes.
         self._raw_replies = True
         try:
+            if hostname and not _utf8_text(hostname):
+                await self.push("501 Syntax: EHLO hostname")  # bytes that were not UTF-8
+                return
             await super().smtp_EHLO(hostname)
         finally:
             self._raw_replies = False
@@ -359,6 +370,9 @@ class RelaySMTP(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         self._raw_replies = True
         try:
+            if hostname and not _utf8_text(hostname):
+                await self.push("501 Syntax: HELO hostname")
+                return
             await super().smtp_HELO(hostname)
         finally:
             self._raw_replies = False
@@ -370,6 +384,8 @@ class RelaySMTP(SMTP):
             # The common case, `<dot-atom@host.name>`, parses to itself: skip the email header parser, which
             # costs about a fifth of the relay's CPU per message otherwise.
             return simple.group(1), simple.group(2).lstrip()
+        if not arg.isascii() and not _utf8_text(arg):
+            return None, None  # bytes that were not UTF-8, which aiosmtpd keeps as lone surrogates: malformed
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             # The null sender: handed to policy (which refuses it, with a log line) instead of a bare 501.

@@ -32,6 +32,8 @@ RECIPIENT_DOMAIN_DENIED = "550 5.7.1 Recipient domain not allowed"
 NULL_SENDER_DENIED = "553 5.7.1 Null sender not allowed"
 ADDRESS_ROUTING_DENIED = "553 5.7.1 Address routing (%, !, source routes) not allowed"
 ADDRESS_INVALID = "553 5.1.3 Malformed address"
+# RFC 6531 3.4: a non-ASCII address only in a transaction whose MAIL FROM says SMTPUTF8.
+ADDRESS_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address without SMTPUTF8 in MAIL FROM"
 RECIPIENT_ADDRESS_INVALID = "501 5.1.3 Malformed recipient address"
 MESSAGE_HAD_REFUSED_RECIPIENTS = "554 5.7.1 Message refused: one or more recipients were not allowed"
 MESSAGE_HAD_UNREAD_COMMAND = "554 5.7.1 Message refused: a command of this transaction could not be read"
@@ -50,6 +52,10 @@ UPSTREAM_CLOSING = "451 4.4.2 Upstream server closing its session, try again lat
 UPSTREAM_TLS_UNAVAILABLE = "451 4.7.5 Upstream TLS not available, try again later"
 # RFC 6152 3: a message declared 8-bit goes on only to a server that takes 8BITMIME; the relay does not convert.
 UPSTREAM_NO_8BITMIME = "554 5.6.3 Conversion required but not supported: the upstream does not accept 8BITMIME"
+# RFC 6531 3.2: an SMTPUTF8 message that needs it (a non-ASCII local part, or UTF-8 in its header) goes on only to
+# a server that offers SMTPUTF8; one that does not need it goes on in ASCII (domains as A-labels).
+UPSTREAM_NO_SMTPUTF8_ADDRESS = "554 5.6.7 Non-ASCII address not permitted: the upstream does not accept SMTPUTF8"
+UPSTREAM_NO_SMTPUTF8_HEADER = "554 5.6.9 UTF-8 header cannot be transferred: the upstream does not accept SMTPUTF8"
 UPSTREAM_TLS_FAILED = "451 4.7.5 Upstream TLS failed, try again later"
 UPSTREAM_SESSION_REFUSED = "451 4.4.0 Upstream server refused the relay's session, try again later"
 UPSTREAM_AUTH_FAILED = "451 4.7.0 Upstream authentication failed, try again later"

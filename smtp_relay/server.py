@@ -173,7 +173,7 @@ class RelayServer:
             self._handler,
             tracker=self,
             data_size_limit=s.max_message_size,
-            enable_SMTPUTF8=False,
+            enable_SMTPUTF8=True,  # RFC 6531: internationalised addresses (see handler, upstream)
             decode_data=False,
             hostname=self.hostname,
             ident="ESMTP smtp-relay",

@@ -32,7 +32,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 STEPS = int(os.environ.get("FUZZ_STEPS", "30"))
 MAX_SIZE = 4096
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*$")
-UNREAD = ("strict ASCII", "Command line too long", "bad syntax")  # refusals of a line the relay could not read
+UNREAD = ("Command line too long", "bad syntax")  # refusals of a line the relay could not read
 SENDER_DOMAINS = {"example.com"}
 RCPT_DOMAINS = {"example.com", "example.org"}
 
@@ -269,7 +269,7 @@ class RelayFuzz(RuleBasedStateMachine):
 
     def _note_refusal(self, code: int, text: str) -> None:
         """Any 5xx to a RCPT the protocol dispatched (policy or syntax) refuses the whole message; lines refused
-        before dispatch are counted by `_check` (not ASCII, too long, bad syntax: they may have been a RCPT)."""
+        before dispatch are counted by `_check` (too long, verb not ASCII, empty: each may have been a RCPT)."""
         before_dispatch = UNREAD
         if code // 100 == 5 and self.sender is not None and not any(t in text for t in before_dispatch):
             self.refused += 1

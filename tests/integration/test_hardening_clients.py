@@ -238,8 +238,7 @@ def test_over_long_message_line_is_refused_and_nothing_is_forwarded(healthy, whe
         b"MAIL FROM:<sender@example.com\x00.evil.test>",
         b"MAIL FROM:<\xff\xfe@example.com>",
         b"MAIL FROM:<sender@ex\xc3\x28ample.com>",
-        b"MAIL FROM:<\xce\xb4\xce\xbf\xce\xba@example.com> SMTPUTF8",
-        b"MAIL FROM:<\xce\xb4\xce\xbf\xce\xba@example.com>",
+        b"MAIL FROM:<\xce\xb4\xce\xbf\xce\xba@example.com>",  # UTF-8, but without SMTPUTF8: 553 5.6.7
         b"MAIL FROM:<sender@b\xc3\xbccher.example>",
         b"MA\x00IL FROM:<sender@example.com>",
         b"\xff\xfe\xfd",
@@ -259,6 +258,14 @@ def test_nul_invalid_utf8_and_smtputf8_in_commands_are_refused_cleanly(healthy, 
         assert send_data(c, b"Subject: after\r\n\r\nok\r\n")[0] == 250
     assert len(sink.messages) == before + 1
     assert all("\x00" not in m.mail_from for m in sink.messages)
+
+
+def test_an_smtputf8_sender_with_smtputf8_is_taken(healthy):
+    """SMTPUTF8 is offered (RFC 6531): see test_smtputf8.py for where such mail goes."""
+    relay, _ = healthy
+    with _authed(relay) as c:
+        assert c.cmd("MAIL FROM:<\u03b4\u03bf\u03ba@example.com> SMTPUTF8".encode())[0] == 250
+        assert c.cmd("RSET")[0] == 250
 
 
 def test_nul_in_recipient_is_refused(healthy):

@@ -112,7 +112,7 @@ class Sink:
     mode: "plain" (no STARTTLS offered), "starttls" (STARTTLS offered and required), "implicit" (TLS from
     the first byte). `server_ctx` is an ssl server context (e.g. from a trustme certificate) for the TLS
     modes. `auth`: (username, password) required from the relay before MAIL. `pipelining`: offer PIPELINING
-    (RFC 2920) in the EHLO reply.
+    (RFC 2920) in the EHLO reply. `smtputf8`: offer SMTPUTF8 (RFC 6531; aiosmtpd's default is not to).
     """
 
     def __init__(
@@ -122,6 +122,7 @@ class Sink:
         auth: tuple[str, str] | None = None,
         require_starttls: bool = True,
         pipelining: bool = True,
+        smtputf8: bool = False,
     ) -> None:
         assert mode in ("plain", "starttls", "implicit")
         if mode != "plain":
@@ -131,6 +132,7 @@ class Sink:
         self.auth = auth
         self.require_starttls = require_starttls
         self.pipelining = pipelining
+        self.smtputf8 = smtputf8
         self.behaviour = Behaviour()
         self._lock = threading.Lock()
         self._messages: list[Received] = []
@@ -186,6 +188,7 @@ class Sink:
             "port": free_port(),
             "server_hostname": "sink.test",
             "ready_timeout": 5.0,
+            "enable_SMTPUTF8": self.smtputf8,
         }
         if self.mode == "starttls":
             kwargs["tls_context"] = self.server_ctx

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +14,7 @@ from smtp_relay.policy import (
     DomainAllowlist,
     PolicyError,
     RelayPolicy,
+    ascii_address,
     check_address,
     normalize_domain,
 )
@@ -178,3 +181,51 @@ def test_verdict_cache_stays_bounded() -> None:
         assert not policy.check_sender(f"user{n}@evil.example").allowed
     assert len(policy._recipient_verdicts) <= VERDICT_CACHE_SIZE
     assert len(policy._sender_verdicts) <= VERDICT_CACHE_SIZE
+
+
+# -- SMTPUTF8 local parts (RFC 6531) ----------------------------------------------------------------------------
+UTF8_LIST = DomainAllowlist.parse(["example.com", "xn--bcher-kva.example"])
+
+
+@pytest.mark.parametrize("address", ["josé@example.com", "δοκ@bücher.example", "用户@xn--bcher-kva.example"])
+def test_utf8_local_parts_of_listed_domains_are_allowed(address: str) -> None:
+    assert check_address(address, UTF8_LIST).allowed
+
+
+@pytest.mark.parametrize(
+    ("address", "decision"),
+    [
+        ("a\uff05b@example.com", Decision.ROUTING),  # fullwidth %: `a%b` once NFKC-normalised
+        ("a\uff01b@example.com", Decision.ROUTING),  # fullwidth !
+        ("a\uff20evil.test@example.com", Decision.ROUTING),  # fullwidth @
+        ("a\u202eb@example.com", Decision.MALFORMED),  # right-to-left override
+        ("a\u00a0b@example.com", Decision.MALFORMED),  # no-break space
+        ("a\u2028b@example.com", Decision.MALFORMED),  # line separator
+        ("a\x85b@example.com", Decision.MALFORMED),  # NEL, a C1 control
+        ("a\udcffb@example.com", Decision.MALFORMED),  # a byte that was not UTF-8 (surrogateescape)
+        ("a\ue000b@example.com", Decision.MALFORMED),  # private use
+    ],
+)
+def test_utf8_local_parts_that_hide_routing_or_are_not_text_are_refused(address: str, decision: Decision) -> None:
+    assert check_address(address, UTF8_LIST).decision is decision
+
+
+@given(lp=st.text(alphabet=st.characters(min_codepoint=0x80, max_codepoint=0xFFFF), min_size=1, max_size=12))
+def test_no_utf8_local_part_passes_whose_compatibility_form_routes(lp: str) -> None:
+    verdict = check_address(f"{lp}@example.com", UTF8_LIST)
+    if verdict.allowed:
+        folded = unicodedata.normalize("NFKC", lp)
+        assert not set('%!@"') & set(folded), lp
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("rcpt@example.com", "rcpt@example.com"),
+        ("rcpt@bücher.example", "rcpt@xn--bcher-kva.example"),
+        ("Rcpt@BÜCHER.example", "Rcpt@xn--bcher-kva.example"),
+        ("josé@example.com", None),  # a non-ASCII local part has no ASCII form
+    ],
+)
+def test_ascii_address_turns_domains_into_a_labels_only(address: str, expected: str | None) -> None:
+    assert ascii_address(address) == expected
