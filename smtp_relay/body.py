@@ -162,9 +162,10 @@ class MessageBody:
     `feed()` takes body bytes in any pieces and tracks the size, the longest line and whether a bare CR or LF
     occurs, with C-level byte operations only; a limit crossed refuses the body and discards what was stored.
     The size limit counts the message as RFC 1870 does (the dots the client doubled at line starts are not
-    part of it), and a message over it is refused as too big even when a line too long came first: the size
-    is still counted to the end. `chunks()` gives the bytes to send after the upstream's 354 (the ".<CR><LF>" is
-    the sender's); it can be called again to resend from the start. `close()` frees the temporary file.
+    part of it) and as it goes upstream (a bare CR or LF is sent as a CRLF), and a message over it is refused as
+    too big even when a line too long came first: the size is still counted to the end. `chunks()` gives the
+    bytes to send after the upstream's 354 (the ".<CR><LF>" is the sender's); it can be called again to resend
+    from the start. `close()` frees the temporary file.
     """
 
     def __init__(
@@ -206,32 +207,34 @@ class MessageBody:
             if not data:
                 return
         refusal = self.refusal
-        if refusal is not None:
-            if refusal is Refusal.LINE_TOO_LONG and self._count(data):  # a message also too big is answered so
-                self.refusal = Refusal.TOO_BIG
-            return
         crlf = data.count(b"\r\n")
         bare = data.count(b"\r") + data.count(b"\n") - 2 * crlf
+        if refusal is not None:
+            if refusal is Refusal.LINE_TOO_LONG and self._count(data, bare):  # a message also too big is so answered
+                self.refusal = Refusal.TOO_BIG
+            return
         line = self._line
-        if self._count(data):
+        if self._count(data, bare):
             self._refuse(Refusal.TOO_BIG)
             return
         if bare or not _lines_fit(data, line, self.line_limit - 2):
-            self._feed_exactly(data, crlf, bare, line)
+            self._feed_exactly(data, crlf, line)
             return
         # The common case: CRLF lines only, all within the limit. No per-line objects (a 100 KB body has 1300).
         self._line = len(data) - data.rfind(b"\n") - 1 if crlf else line + len(data)
         self._store(data)
 
-    def _count(self, data: bytes) -> bool:
-        """Add `data` to the size; True if the message is now over the size limit."""
+    def _count(self, data: bytes, bare: int) -> bool:
+        """Add `data` (with `bare` bare CRs and LFs) to the size; True if the message is now over the size limit,
+        counted as it goes upstream: a bare line end becomes a CRLF."""
         self.size += len(data)
+        self.bare_line_ends += bare
         self.stuffing += data.count(b"\r\n.") + (self._line_start and data[:1] == b".")
         self._line_start = data.endswith(b"\r\n")
-        return self.size_limit is not None and self.size - self.stuffing > self.size_limit
+        return self.size_limit is not None and self.content_size > self.size_limit
 
-    def _feed_exactly(self, data: bytes, crlf: int, bare: int, line: int) -> None:
-        """`feed` for data (already counted) with a bare CR or LF to count, or a line over the limit."""
+    def _feed_exactly(self, data: bytes, crlf: int, line: int) -> None:
+        """`feed` for data (already counted) with a bare CR or LF, or a line over the limit."""
         pieces = data.split(b"\r\n")
         first = line + len(pieces[0])
         if crlf:
@@ -241,7 +244,6 @@ class MessageBody:
         if longest + 2 > self.line_limit:
             self._refuse(Refusal.LINE_TOO_LONG)
             return
-        self.bare_line_ends += bare
         self._line = len(pieces[-1]) if crlf else first
         self._store(data)
 
@@ -250,11 +252,10 @@ class MessageBody:
         if self._cr_held:
             # Cannot happen after a real end of data (the body then ends with CRLF); kept exact all the same.
             self._cr_held = False
-            if self._count(b"\r") and self.refusal in (None, Refusal.LINE_TOO_LONG):
+            if self._count(b"\r", 1) and self.refusal in (None, Refusal.LINE_TOO_LONG):
                 self._refuse(Refusal.TOO_BIG)
             elif self.refusal is None:
                 self._line = 0
-                self.bare_line_ends += 1
                 self._store(b"\r")
         self._finished = True
 

@@ -307,18 +307,23 @@ def flush_all() -> None:
 def check_log_file(settings: Settings) -> None:
     """For `--check-config`: LOG_FILE can be opened for appending, leaving no trace.
 
-    An existing file is opened for appending (which writes nothing); a missing one in an existing directory is
-    created and removed again. Permission bits alone cannot tell (root may be refused, say under /proc). A file
-    whose directories are still to be made is judged by the nearest existing one.
+    An existing regular file is opened for appending (which writes nothing); a missing one in an existing
+    directory is created and removed again. Permission bits alone cannot tell (root may be refused, say under
+    /proc); they are all there is for a FIFO or a device (opening a FIFO would wait for a reader) and for a file
+    whose directories are still to be made (the nearest existing one is judged). A symbolic link is followed.
     """
     if not settings.log_file:
         return
-    path = Path(settings.log_file)
+    shown = settings.log_file
+    path = Path(os.path.realpath(shown))
     if path.is_dir():
-        raise ConfigError("LOG_FILE", f"{str(path)!r} is a directory")
+        raise ConfigError("LOG_FILE", f"{shown!r} is a directory")
     try:
-        if path.exists():
+        if path.is_file():
             path.open("a").close()
+        elif path.exists():
+            if not os.access(path, os.W_OK):
+                raise PermissionError(0, "Permission denied")
         elif path.parent.is_dir():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
             path.unlink()
@@ -328,7 +333,7 @@ def check_log_file(settings: Settings) -> None:
                 raise PermissionError(0, f"{str(existing)!r} is not writable")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ConfigError("LOG_FILE", f"cannot open {str(path)!r} for writing: {reason}") from None
+        raise ConfigError("LOG_FILE", f"cannot open {shown!r} for writing: {reason}") from None
 
 
 def setup(settings: Settings) -> None:

@@ -65,13 +65,22 @@ def normalize_domain(domain: str) -> str | None:
     return ".".join(labels)
 
 
+# The characters IDNA 2003 and IDNA 2008 (non-transitional) map differently: IDNA 2003 turns them into other
+# domains (faß.de into fass.de, a joiner into nothing), IDNA 2008 keeps them.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+
+
 def _a_label(label: str) -> str | None:
     """The A-label of a U-label: IDNA 2008 (UTS 46, not transitional); for a name IDNA 2008 does not allow
-    (symbols such as ☃, registered under IDNA 2003 and still in use), IDNA 2003 as before."""
+    (symbols such as ☃, registered under IDNA 2003 and still in use), IDNA 2003 as before, unless the two read
+    the label differently (a deviation character) or it holds characters that are not visible text: the domain
+    the relay checks must be the one the upstream, which keeps the label as written, routes to."""
     try:
         return idna.encode(label, uts46=True, transitional=False).decode("ascii")
     except UnicodeError:  # idna.IDNAError is one
         pass
+    if not is_clean_text(label) or _IDNA_DEVIATIONS.intersection(label):
+        return None
     try:
         return label.encode("idna").decode("ascii").lower()
     except UnicodeError:
@@ -151,23 +160,35 @@ class DomainAllowlist:
 
 
 _FORBIDDEN_LOCAL = frozenset("%!")
-# In a non-ASCII (SMTPUTF8) local part: controls, lone surrogates (bytes that were not UTF-8), unassigned and
-# private code points, and spaces and separators of any kind never belong in an address.
-_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Cn", "Co", "Zs", "Zl", "Zp"})
-# Format characters that reorder or hide text (bidi controls), which could make a log line read differently.
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Characters that a compatibility character may stand for (NFKC) and that route or quote in a local part.
+_ROUTING_IN_FOLDED = frozenset('%!@"\\')
+# Never in an address: controls, format characters (invisible, or reordering text: bidi controls), lone surrogates
+# (bytes that were not UTF-8), private and unassigned code points, and spaces and separators other than ASCII's.
+_NOT_TEXT = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# Joiners: format characters that some scripts need, which IDNA 2008 allows in a domain only where they belong.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def is_clean_text(text: str) -> bool:
+    """No ASCII control (a tab aside) and, beyond ASCII, nothing that is not visible text (see `_NOT_TEXT`)."""
+    for ch in text:
+        if ch < "\x80":
+            if (ch < " " and ch != "\t") or ch == "\x7f":
+                return False
+        elif unicodedata.category(ch) in _NOT_TEXT and ch not in _JOINERS:
+            return False
+    return True
 
 
 def _local_part_problem(local: str) -> Decision | None:
-    """For a non-ASCII local part: MALFORMED for characters that are not text, ROUTING for one whose
-    compatibility form (NFKC, as a receiving system may apply) has a routing character: the fullwidth percent
-    sign (U+FF05) is `%`."""
+    """For a non-ASCII local part: MALFORMED for characters that are not text, ROUTING for a character beyond
+    ASCII whose compatibility form (NFKC, as a receiving system may apply) is or holds a routing or quoting
+    character, quoted or not: the fullwidth percent sign (U+FF05) is `%`, U+FF20 is `@`."""
+    if not is_clean_text(local):
+        return Decision.MALFORMED
     for ch in local:
-        if ch >= "\x80" and (unicodedata.category(ch) in _BAD_CATEGORIES or ch in _BIDI_CONTROLS):
-            return Decision.MALFORMED
-    folded = unicodedata.normalize("NFKC", local)
-    if _FORBIDDEN_LOCAL.intersection(folded) or (not local.startswith('"') and ("@" in folded or '"' in folded)):
-        return Decision.ROUTING
+        if ch >= "\x80" and _ROUTING_IN_FOLDED.intersection(unicodedata.normalize("NFKC", ch)):
+            return Decision.ROUTING
     return None
 
 

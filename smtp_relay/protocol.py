@@ -9,7 +9,7 @@ import re
 import secrets
 import time
 import types
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
@@ -17,6 +17,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody, Refusal, receive
+from smtp_relay.policy import is_clean_text
 
 _library_sanitized_log = aiosmtpd.smtp.sanitized_log
 _LEVEL_OF = {"debug": logging.DEBUG, "info": logging.INFO}
@@ -45,15 +46,6 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
 _SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
-
-
-def _utf8_text(text: str) -> bool:
-    """False if `text` holds bytes that were not UTF-8 (decoded by aiosmtpd with surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class RelaySession(Session):
@@ -97,18 +89,23 @@ class RelayEnvelope(Envelope):
 
 
 # A log line stays short enough to be written whole (workers share stdout): the refused recipients a line names
-# are the first few, at most so many characters (before escaping, which may make each of them six), and
-# `refused_count` says how many there were.
+# are the first few, at most so many bytes once escaped, and `refused_count` says how many there were.
 LOGGED_ADDRESSES = 5
 LOGGED_ADDRESSES_LENGTH = 400
 
 
 def _first_addresses(addresses: list[str]) -> str | None:
+    """The first refused addresses, at most `LOGGED_ADDRESSES_LENGTH` bytes once escaped: JSON writes a character
+    beyond ASCII as 6 or 12 bytes (`\\ud83d\\udca9`), and a line must stay short enough to be written whole."""
     if not addresses:
         return None
     shown = ",".join(addresses[:LOGGED_ADDRESSES])
-    if len(shown) > LOGGED_ADDRESSES_LENGTH:
-        return shown[:LOGGED_ADDRESSES_LENGTH] + "..."
+    if len(shown) * 12 > LOGGED_ADDRESSES_LENGTH:
+        budget = LOGGED_ADDRESSES_LENGTH
+        for end, ch in enumerate(shown):
+            budget -= 1 if " " <= ch < "\x7f" else 6 if ch <= "\uffff" else 12
+            if budget < 0:
+                return shown[:end] + "..."
     return shown if len(addresses) <= LOGGED_ADDRESSES else f"{shown},..."
 
 
@@ -351,7 +348,8 @@ class RelaySMTP(SMTP):
         """aiosmtpd's AUTH, with the mechanism name in any case (`AUTH plain ...`), as Postfix and Exim take it."""
         if arg:
             mechanism, space, rest = arg.partition(" ")
-            arg = mechanism.upper() + space + rest
+            if mechanism.isascii():  # a dotless i (U+0131) upper-cases to I: `PLA\u0131N` is no PLAIN
+                arg = mechanism.upper() + space + rest
         await super().smtp_AUTH(arg)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -360,8 +358,8 @@ class RelaySMTP(SMTP):
         # RFC 2034: the EHLO/HELO reply lines carry no enhanced status codes.
         self._raw_replies = True
         try:
-            if hostname and not _utf8_text(hostname):
-                await self.push("501 Syntax: EHLO hostname")  # bytes that were not UTF-8
+            if hostname and not is_clean_text(hostname):  # controls, bytes that were not UTF-8, ...
+                await self.push("501 Syntax: EHLO hostname")
                 return
             await super().smtp_EHLO(hostname)
         finally:
@@ -370,7 +368,7 @@ class RelaySMTP(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         self._raw_replies = True
         try:
-            if hostname and not _utf8_text(hostname):
+            if hostname and not is_clean_text(hostname):
                 await self.push("501 Syntax: HELO hostname")
                 return
             await super().smtp_HELO(hostname)
@@ -384,8 +382,11 @@ class RelaySMTP(SMTP):
             # The common case, `<dot-atom@host.name>`, parses to itself: skip the email header parser, which
             # costs about a fifth of the relay's CPU per message otherwise.
             return simple.group(1), simple.group(2).lstrip()
-        if not arg.isascii() and not _utf8_text(arg):
-            return None, None  # bytes that were not UTF-8, which aiosmtpd keeps as lone surrogates: malformed
+        if not is_clean_text(arg):
+            # Controls, invisible or separator characters, bytes that were not UTF-8 (which aiosmtpd keeps as lone
+            # surrogates): the email header parser would drop some silently (`a@exa<NEL>mple.com` becoming
+            # `a@example.com`), so what the client wrote would be neither checked nor forwarded. Malformed.
+            return None, None
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             # The null sender: handed to policy (which refuses it, with a log line) instead of a bare 501.
@@ -404,6 +405,14 @@ class RelaySMTP(SMTP):
             if fixed != arg:
                 address, rest = self._parse_address(fixed)
         return address, rest
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """The library's MAIL/RCPT parameters (RFC 5321 esmtp-param), which are printable ASCII only: it checks them
+        with Unicode rules, so `SIZE=²` passed as digits, then failed in `int()` (a 451 and a traceback). None: a
+        syntax error."""
+        if not all(param.isascii() and param.isprintable() for param in params):
+            return None
+        return super()._getparams(params)
 
     def _parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """The library's parser; some malformed input makes the email header parser raise instead of refusing,

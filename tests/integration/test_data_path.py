@@ -34,7 +34,7 @@ def healthy(rig):
     assert relay.returncode is None, relay.describe()
     after = settle(lambda: open_fds(relay.proc.pid), fds, timeout=TIMEOUT + 3)
     assert after <= fds, f"descriptors {fds} -> {after}: a spool file or socket leaked"
-    assert "Traceback" not in relay.stderr, relay.describe()
+    assert "Traceback" not in relay.all_output(), relay.describe()
 
 
 def _authed(relay, timeout: float = 30.0) -> RawClient:

@@ -58,7 +58,7 @@ def healthy(rig):
     fds = settle(lambda: open_fds(relay.proc.pid), baseline["fds"], timeout=TIMEOUT + 3)
     assert fds <= baseline["fds"], f"fds {baseline['fds']} -> {fds}"
     assert rss_kb(relay.proc.pid) < baseline["rss"] + RSS_HEADROOM_KB
-    assert "Traceback" not in relay.stderr, relay.describe()
+    assert "Traceback" not in relay.all_output(), relay.describe()
 
 
 def _authed(relay, timeout: float = 10.0) -> RawClient:

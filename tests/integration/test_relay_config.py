@@ -4,6 +4,7 @@ warnings; secrets read from *_FILE variables."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -119,6 +120,19 @@ def test_check_config_leaves_no_trace_of_its_log_file_check(tmp_path):
     log.write_text("kept\n")
     assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(log)}, timeout=10).returncode == 0
     assert log.read_text() == "kept\n"
+
+
+def test_check_config_follows_a_log_file_link_and_never_waits_on_a_fifo(tmp_path):
+    (tmp_path / "target").mkdir()
+    link = tmp_path / "relay.log"
+    link.symlink_to(tmp_path / "target" / "relay.log")  # dangling until the relay writes its first line
+    out = run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(link)}, timeout=10)
+    assert out.returncode == 0, out.stderr
+    assert link.is_symlink() and not (tmp_path / "target" / "relay.log").exists()
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)  # nobody reads it: opening it for writing would wait forever
+    out = run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(fifo)}, timeout=10)
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["start", "check-config"])

@@ -324,7 +324,7 @@ def test_upstream_speaking_garbage_gives_client_4xx_never_5xx_or_250(stack, gree
             assert c.cmd("NOOP")[0] == 250
     finally:
         junk.stop()
-    assert "Traceback" not in relay.stderr
+    assert "Traceback" not in relay.all_output()
 
 
 def test_a_delivery_cut_short_by_the_client_closing_is_logged(relay, upstream):

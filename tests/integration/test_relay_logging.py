@@ -285,3 +285,21 @@ def test_a_message_with_hundreds_of_refused_recipients_is_logged_on_one_short_li
         assert send_data(c, MSG)[0] == 554
     line = relay.wait_for_log("event=message.refused", "sender=control-refused@example.com")
     assert line is not None and len(line.encode()) < 4000, line and len(line.encode())
+
+
+def test_refused_smtputf8_recipients_stay_short_once_escaped_in_json(relays):
+    # JSON writes a character beyond the BMP as a 12-byte surrogate pair: 5 recipients of 120 such characters
+    # used to make a 4.8 KB line, over the size a pipe writes whole.
+    relay = relays["json"]
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<astral-refused@example.com> SMTPUTF8")[0] == 250
+        assert c.cmd("RCPT TO:<ok@example.com>")[0] == 250
+        for n in range(5):
+            assert c.cmd(f"RCPT TO:<{chr(0x1F4A9) * 120}@e{n}.evil.test>".encode())[0] == 550
+        assert send_data(c, MSG)[0] == 554
+    line = relay.wait_for_log('"event": "message.refused"', "astral-refused@example.com")
+    assert line is not None and len(line.encode()) < 1000, line and len(line.encode())
+    doc = json.loads(line)
+    assert doc["refused_count"] == 5 and doc["refused"].endswith("...")

@@ -148,10 +148,22 @@ def test_a_non_ascii_address_without_smtputf8_is_refused_553_5_6_7(to_utf8, utf8
         (b"rcpt\xff\xfe@example.com", "553 5.1.3"),  # not UTF-8
         (b"rcpt@b\xc3\x28cher.example", "553 5.1.3"),
         ("a\uff05b@example.com".encode(), "553 5.7.1"),  # fullwidth percent sign: `a%b` once normalised
-        ("a\u202eb@example.com".encode(), "501 5.1.3"),  # a bidi control: not text
-        ("a\u00a0b@example.com".encode(), "501 5.1.3"),  # a no-break space
+        ("a\u202eb@example.com".encode(), "553 5.1.3"),  # a bidi control: not text
+        ("a\u00a0b@example.com".encode(), "553 5.1.3"),  # a no-break space
+        ("a@exa\u0085mple.com".encode(), "553 5.1.3"),  # NEL, which the address parser used to drop unseen
+        ("a@exam\u200cple.com".encode(), "501 5.1.3"),  # a joiner IDNA 2003 would drop: example.com to it
+        ('"a b\uff20evil.test"@example.com'.encode(), "553 5.7.1"),  # a fullwidth @ inside quotes
     ],
-    ids=["invalid-utf8-local", "invalid-utf8-domain", "fullwidth-percent", "bidi-control", "nbsp"],
+    ids=[
+        "invalid-utf8-local",
+        "invalid-utf8-domain",
+        "fullwidth-percent",
+        "bidi-control",
+        "nbsp",
+        "nel-in-domain",
+        "joiner-in-domain",
+        "quoted-fullwidth-at",
+    ],
 )
 def test_hostile_smtputf8_recipients_are_refused_and_refuse_the_message(to_utf8, utf8_sink, address, reply):
     with _authed_raw(to_utf8) as c:
@@ -162,7 +174,16 @@ def test_hostile_smtputf8_recipients_are_refused_and_refuse_the_message(to_utf8,
         assert c.cmd("DATA")[0] == 554
         assert c.cmd("NOOP")[0] == 250
     assert not utf8_sink.wait_for_messages(1, timeout=0.3)
-    assert "Traceback" not in to_utf8.stderr
+    assert "Traceback" not in to_utf8.all_output()  # internal errors log theirs to stdout
+
+
+@pytest.mark.parametrize("param", ["SIZE=\u00b2", "SIZE=\u0661\u0660", "BODY=8BIT\u2135IME"])
+def test_non_ascii_mail_parameters_are_a_syntax_error_not_an_internal_one(to_utf8, param):
+    with _authed_raw(to_utf8) as c:
+        code, text = c.cmd(f"MAIL FROM:<sender@example.com> {param}".encode())
+        assert code == 501, (code, text)
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+    assert "internal.error" not in to_utf8.stdout and "Traceback" not in to_utf8.all_output()
 
 
 def test_ehlo_name_that_is_not_utf8_is_refused_and_the_session_goes_on(to_utf8):

@@ -221,6 +221,16 @@ def test_line_limit_is_aiosmtpds_1001_bytes_with_the_crlf(lengths, cuts, bare):
     assert (body.refusal is Refusal.LINE_TOO_LONG) == too_long
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_bare_line_ends_count_as_the_crlf_they_are_sent_as(extra):
+    """A body of bare LFs cannot carry twice MAX_MESSAGE_SIZE upstream: each is counted as the CRLF it becomes."""
+    wire = (b"\n" * 998 + b"\r\n") * 4  # 4000 bytes on the wire, 7992 as sent
+    body, _ = run_receive(wire + b".\r\n", [1, 999, 2500], size_limit=7992 - extra)
+    assert body.refusal is (Refusal.TOO_BIG if extra else None)
+    if not extra:
+        assert len(upstream_stream(body)) - 3 == body.content_size == 7992
+
+
 @pytest.mark.parametrize("cuts", [[], [700, 1400, 2000], list(range(0, 5000, 64))])
 def test_a_message_over_the_size_limit_is_too_big_even_when_a_long_line_came_first(cuts):
     long_first = b"a" * 1500 + b"\r\n" + b"b" * 900 + b"\r\n"

@@ -204,18 +204,41 @@ def test_utf8_local_parts_of_listed_domains_are_allowed(address: str) -> None:
         ("a\x85b@example.com", Decision.MALFORMED),  # NEL, a C1 control
         ("a\udcffb@example.com", Decision.MALFORMED),  # a byte that was not UTF-8 (surrogateescape)
         ("a\ue000b@example.com", Decision.MALFORMED),  # private use
+        ("b\u200b@example.com", Decision.MALFORMED),  # zero-width space: invisible
+        ('"a b\uff20evil.test"@example.com', Decision.ROUTING),  # fullwidth @, quoted
+        ('"a b\ufe6b"@example.com', Decision.ROUTING),  # small @, quoted
+        ('"x y\uff3c"@example.com', Decision.ROUTING),  # fullwidth backslash, quoted
+        ('"a \uff02b"@example.com', Decision.ROUTING),  # fullwidth quote, quoted
     ],
 )
 def test_utf8_local_parts_that_hide_routing_or_are_not_text_are_refused(address: str, decision: Decision) -> None:
     assert check_address(address, UTF8_LIST).decision is decision
 
 
-@given(lp=st.text(alphabet=st.characters(min_codepoint=0x80, max_codepoint=0xFFFF), min_size=1, max_size=12))
-def test_no_utf8_local_part_passes_whose_compatibility_form_routes(lp: str) -> None:
+@given(
+    text=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFFFF), min_size=1, max_size=12),
+    quoted=st.booleans(),
+)
+def test_no_utf8_local_part_passes_whose_compatibility_form_routes(text: str, quoted: bool) -> None:
+    lp = f'"{text}"' if quoted else text
     verdict = check_address(f"{lp}@example.com", UTF8_LIST)
     if verdict.allowed:
-        folded = unicodedata.normalize("NFKC", lp)
-        assert not set('%!@"') & set(folded), lp
+        for ch in text:
+            assert ch.isascii() or not set('%!@"\\') & set(unicodedata.normalize("NFKC", ch)), lp
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "u@exam\u200cple.com",  # IDNA 2003 drops the joiner: example.com; IDNA 2008 keeps it: another domain
+        "u@fa\u00df\u200d.de",  # IDNA 2003: fass.de
+        "u@\u03c2\u200d.gr",  # IDNA 2003: the final sigma becomes a sigma
+        "u@\u2066evil\u2069.sub.example",  # bidi isolates, unassigned in IDNA 2003's Unicode
+    ],
+)
+def test_domains_that_idna_2003_would_read_as_another_domain_are_malformed(address: str) -> None:
+    allowlist = DomainAllowlist.parse(["example.com", "fass.de", "xn--4xa.gr", "*.sub.example"])
+    assert check_address(address, allowlist).decision is Decision.MALFORMED
 
 
 @pytest.mark.parametrize(
