@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -305,28 +307,34 @@ def flush_all() -> None:
 
 
 def check_log_file(settings: Settings) -> None:
-    """For `--check-config`: LOG_FILE can be opened for appending, leaving no trace.
+    """For `--check-config`: LOG_FILE can be opened for appending, as the relay will, leaving no trace.
 
-    An existing regular file is opened for appending (which writes nothing); a missing one in an existing
-    directory is created and removed again. Permission bits alone cannot tell (root may be refused, say under
-    /proc); they are all there is for a FIFO or a device (opening a FIFO would wait for a reader) and for a file
-    whose directories are still to be made (the nearest existing one is judged). A symbolic link is followed.
+    Permission bits alone cannot tell (root may be refused, say under /proc), so it is tried: a regular file is
+    opened for appending (which writes nothing), a device or socket without waiting (`/dev/stdout` may be a
+    pipe), and a missing file in an existing directory (also the target of a link) is created and removed again.
+    A FIFO is only checked for permission (opening it would wait for a reader), and so is a file whose
+    directories the relay will still make (the nearest existing one is judged).
     """
     if not settings.log_file:
         return
     shown = settings.log_file
-    path = Path(os.path.realpath(shown))
-    if path.is_dir():
-        raise ConfigError("LOG_FILE", f"{shown!r} is a directory")
+    path = Path(shown)
     try:
+        if path.is_dir():
+            raise ConfigError("LOG_FILE", f"{shown!r} is a directory")
         if path.is_file():
             path.open("a").close()
         elif path.exists():
-            if not os.access(path, os.W_OK):
-                raise PermissionError(0, "Permission denied")
-        elif path.parent.is_dir():
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-            path.unlink()
+            if stat.S_ISFIFO(path.stat().st_mode):
+                if not os.access(path, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        elif path.is_symlink() or path.parent.is_dir():
+            # A link with no file behind it yet (the relay creates its target, not the target's directories).
+            target = Path(os.path.realpath(path))
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+            target.unlink()
         else:
             existing = next((p for p in path.parents if p.exists()), Path("/"))
             if not os.access(existing, os.W_OK | os.X_OK):

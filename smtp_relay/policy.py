@@ -65,24 +65,30 @@ def normalize_domain(domain: str) -> str | None:
     return ".".join(labels)
 
 
-# The characters IDNA 2003 and IDNA 2008 (non-transitional) map differently: IDNA 2003 turns them into other
-# domains (faß.de into fass.de, a joiner into nothing), IDNA 2008 keeps them.
-_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+# Capital sharp s: UTS 46 now maps it to ß (a domain of its own), older tables and ICU (which Postfix uses) to
+# "ss". An upstream could route `fuẞball.de` to fussball.de while the relay checked fußball.de: refused.
+_AMBIGUOUS = "\u1e9e"
 
 
 def _a_label(label: str) -> str | None:
     """The A-label of a U-label: IDNA 2008 (UTS 46, not transitional); for a name IDNA 2008 does not allow
-    (symbols such as ☃, registered under IDNA 2003 and still in use), IDNA 2003 as before, unless the two read
-    the label differently (a deviation character) or it holds characters that are not visible text: the domain
-    the relay checks must be the one the upstream, which keeps the label as written, routes to."""
+    (symbols such as ☃, registered under IDNA 2003 and still in use), IDNA 2003 as before, but only where IDNA
+    2003 reads the label as UTS 46 maps it: the domain the relay checks must be the one an upstream, which gets
+    the label as written, routes to (IDNA 2003 turns faß into fass, drops joiners and some hyphens)."""
+    if _AMBIGUOUS in label:
+        return None
     try:
         return idna.encode(label, uts46=True, transitional=False).decode("ascii")
     except UnicodeError:  # idna.IDNAError is one
         pass
-    if not is_clean_text(label) or _IDNA_DEVIATIONS.intersection(label):
+    if not is_clean_text(label):
         return None
     try:
-        return label.encode("idna").decode("ascii").lower()
+        mapped = idna.uts46_remap(label, std3_rules=False, transitional=False)
+        a_label = label.encode("idna")
+        if a_label.decode("idna") != mapped.lower():
+            return None
+        return a_label.decode("ascii").lower()
     except UnicodeError:
         return None
 
@@ -163,8 +169,9 @@ _FORBIDDEN_LOCAL = frozenset("%!")
 # Characters that a compatibility character may stand for (NFKC) and that route or quote in a local part.
 _ROUTING_IN_FOLDED = frozenset('%!@"\\')
 # Never in an address: controls, format characters (invisible, or reordering text: bidi controls), lone surrogates
-# (bytes that were not UTF-8), private and unassigned code points, and spaces and separators other than ASCII's.
-_NOT_TEXT = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# (bytes that were not UTF-8), private code points, and spaces and separators other than ASCII's. (Not the code
+# points this Python's Unicode data does not know yet: IDNA 2008, with newer data, judges those in a domain.)
+_NOT_TEXT = frozenset({"Cc", "Cf", "Cs", "Co", "Zs", "Zl", "Zp"})
 # Joiners: format characters that some scripts need, which IDNA 2008 allows in a domain only where they belong.
 _JOINERS = frozenset("\u200c\u200d")
 

@@ -44,6 +44,8 @@ aiosmtpd.smtp.sanitized_log = _sanitized_log
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
+# What `_getaddr` hands on for parameters that are not printable ASCII: `_getparams` refuses it (501).
+_BAD_PARAMETERS = "\x00"
 _SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
@@ -103,7 +105,7 @@ def _first_addresses(addresses: list[str]) -> str | None:
     if len(shown) * 12 > LOGGED_ADDRESSES_LENGTH:
         budget = LOGGED_ADDRESSES_LENGTH
         for end, ch in enumerate(shown):
-            budget -= 1 if " " <= ch < "\x7f" else 6 if ch <= "\uffff" else 12
+            budget -= 2 if ch in '"\\' else 1 if " " <= ch < "\x7f" else 6 if ch <= "\uffff" else 12
             if budget < 0:
                 return shown[:end] + "..."
     return shown if len(addresses) <= LOGGED_ADDRESSES else f"{shown},..."
@@ -347,6 +349,8 @@ class RelaySMTP(SMTP):
     async def smtp_AUTH(self, arg: str | None) -> None:
         """aiosmtpd's AUTH, with the mechanism name in any case (`AUTH plain ...`), as Postfix and Exim take it."""
         if arg:
+            if not arg.split():  # only (Unicode) white space: the library would fail on its first word
+                arg = ""
             mechanism, space, rest = arg.partition(" ")
             if mechanism.isascii():  # a dotless i (U+0131) upper-cases to I: `PLA\u0131N` is no PLAIN
                 arg = mechanism.upper() + space + rest
@@ -376,12 +380,23 @@ class RelaySMTP(SMTP):
             self._raw_replies = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Show source routes and `<>` to policy: the library drops `@hop:` silently and answers `<>` with 501."""
+        """Show source routes and `<>` to policy: the library drops `@hop:` silently and answers `<>` with 501.
+
+        Parameters after the address that are not printable ASCII come back as `_BAD_PARAMETERS`: the library
+        upper-cases and splits them with Unicode rules (with a long s, U+017F, `smtputf8` would be SMTPUTF8; a
+        no-break space a separator) before `_getparams` sees them.
+        """
+        address, rest = self._getaddr_parts(arg)
+        if rest and not (rest.isascii() and is_clean_text(rest)):
+            rest = _BAD_PARAMETERS
+        return address, rest
+
+    def _getaddr_parts(self, arg: str) -> tuple[str | None, str | None]:
         simple = _SIMPLE_ANGLE_ADDR.match(arg)
         if simple is not None:
             # The common case, `<dot-atom@host.name>`, parses to itself: skip the email header parser, which
             # costs about a fifth of the relay's CPU per message otherwise.
-            return simple.group(1), simple.group(2).lstrip()
+            return simple.group(1), simple.group(2).lstrip(" \t")
         if not is_clean_text(arg):
             # Controls, invisible or separator characters, bytes that were not UTF-8 (which aiosmtpd keeps as lone
             # surrogates): the email header parser would drop some silently (`a@exa<NEL>mple.com` becoming

@@ -177,12 +177,32 @@ def test_hostile_smtputf8_recipients_are_refused_and_refuse_the_message(to_utf8,
     assert "Traceback" not in to_utf8.all_output()  # internal errors log theirs to stdout
 
 
-@pytest.mark.parametrize("param", ["SIZE=\u00b2", "SIZE=\u0661\u0660", "BODY=8BIT\u2135IME"])
-def test_non_ascii_mail_parameters_are_a_syntax_error_not_an_internal_one(to_utf8, param):
+@pytest.mark.parametrize(
+    "params",
+    [
+        " SIZE=\u00b2",  # a superscript two: a digit to Python, not to int()
+        " SIZE=\u0661\u0660",  # Arabic-Indic digits
+        " \u017fmtputf8",  # long s: SMTPUTF8 once upper-cased
+        " BODY=8B\u0131TMIME",  # dotless i
+        "\u00a0SIZE=10",  # a no-break space as the separator
+        ' "x"',
+    ],
+)
+def test_mail_parameters_that_are_not_printable_ascii_are_a_syntax_error(to_utf8, params):
     with _authed_raw(to_utf8) as c:
-        code, text = c.cmd(f"MAIL FROM:<sender@example.com> {param}".encode())
+        code, text = c.cmd(f"MAIL FROM:<sender@example.com>{params}".encode())
         assert code == 501, (code, text)
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+    assert "internal.error" not in to_utf8.stdout and "Traceback" not in to_utf8.all_output()
+
+
+@pytest.mark.parametrize("blank", ["\u0085", "\u00a0", "\u3000", "\x1c", "\x0b\x1c"])
+def test_auth_with_only_white_space_is_a_syntax_error_before_login(to_utf8, blank):
+    with RawClient(to_utf8.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        code, text = c.cmd(f"AUTH {blank}".encode())
+        assert code == 501, (code, text)
+        assert c.auth_plain(CLIENT_USER, CLIENT_PASSWORD)[0] == 235
     assert "internal.error" not in to_utf8.stdout and "Traceback" not in to_utf8.all_output()
 
 

@@ -234,11 +234,28 @@ def test_no_utf8_local_part_passes_whose_compatibility_form_routes(text: str, qu
         "u@fa\u00df\u200d.de",  # IDNA 2003: fass.de
         "u@\u03c2\u200d.gr",  # IDNA 2003: the final sigma becomes a sigma
         "u@\u2066evil\u2069.sub.example",  # bidi isolates, unassigned in IDNA 2003's Unicode
+        "u@\u2603\u1806.com",  # IDNA 2003 drops the Mongolian soft hyphen: the snowman's domain to it
+        "u@fu\u1e9eball.de",  # capital sharp s: fußball.de to UTS 46 now, fussball.de to ICU
     ],
 )
-def test_domains_that_idna_2003_would_read_as_another_domain_are_malformed(address: str) -> None:
-    allowlist = DomainAllowlist.parse(["example.com", "fass.de", "xn--4xa.gr", "*.sub.example"])
+def test_domains_that_implementations_read_as_different_domains_are_malformed(address: str) -> None:
+    listed = ["example.com", "fass.de", "xn--4xa.gr", "*.sub.example", "xn--n3h.com", "fussball.de", "fußball.de"]
+    allowlist = DomainAllowlist.parse(listed)
     assert check_address(address, allowlist).decision is Decision.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("address", "domain"),
+    [
+        ("u@\u2603.com", "xn--n3h.com"),  # IDNA 2008 disallows the snowman; IDNA 2003, as everyone, takes it
+        ("u@\u2603\ufe0f.com", "xn--n3h.com"),  # a variation selector, which UTS 46 ignores
+        ("u@\u0cb5\u0cf3.example.org", "xn--ktc8j.example.org"),  # Unicode 15, newer than this Python's data
+        ("u@\U0001fae8.example.org", "xn--929h.example.org"),
+    ],
+)
+def test_domains_every_implementation_reads_alike_are_taken(address: str, domain: str) -> None:
+    verdict = check_address(address, DomainAllowlist.parse(["xn--n3h.com", "*.example.org"]))
+    assert verdict.allowed and verdict.domain == domain
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from smtp_relay import logs, replies
 from smtp_relay.logs import WRITE_LIMIT, JsonFormatter, TextFormatter, _batches, escape
+from smtp_relay.protocol import LOGGED_ADDRESSES_LENGTH, _first_addresses
 
 REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} \S")
 
@@ -135,3 +136,13 @@ def test_log_writes_are_whole_lines_of_at_most_write_limit_bytes() -> None:
     assert all(b.endswith("\n") and len(b.encode()) <= WRITE_LIMIT for b in batches)
     assert len(batches) < len(lines) / 2, "lines are joined, not written one by one"
     assert _batches(["a", "b"]) == ["a\nb\n"]
+
+
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=8))
+def test_refused_addresses_in_a_log_line_stay_within_their_cap_once_escaped(addresses: list[str]) -> None:
+    """Whatever the client sends, the `refused=` field of `message.refused` stays short in JSON (which escapes
+    most) and in text: workers writing to one pipe need whole lines, written at once."""
+    shown = _first_addresses(addresses)
+    assert shown is not None
+    assert len(json.dumps(shown)) <= LOGGED_ADDRESSES_LENGTH + len('"...,..."')
+    assert len(TextFormatter().format_event(0.0, "INFO", "x", {"refused": shown}).encode()) < 4 * 1024
