@@ -549,6 +549,8 @@ def _failed(stage: Stage, reply: str, *, code: int | None = None, text: str = ""
 
 
 _SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+# aiosmtplib's words for a connection lost during the TLS handshake, after the upstream's 220 to STARTTLS.
+_TLS_UPGRADE = "while upgrading transport"
 _AUTH_NEEDED = frozenset({530, 538})
 
 
@@ -560,6 +562,10 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, SMTPRecipientRefused):
         reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused recipient {exc.recipient}")
+    if isinstance(exc, SMTPAuthenticationError) and 400 <= exc.code < 500:
+        # A transient refusal of the login (454 Temporary authentication failure): the upstream's own 4xx.
+        reply = replies.upstream_reply(exc.code, exc.message)
+        return Outcome(False, reply, stage, exc.code, exc.message, "upstream refused AUTH for now")
     if isinstance(exc, SMTPAuthenticationError):
         # The relay's own credentials are wrong: not the client's fault, so it may retry later.
         return _failed(
@@ -584,6 +590,9 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, SMTPTimeoutError):
         return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
     if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):
+        if isinstance(exc, SMTPServerDisconnected) and _TLS_UPGRADE not in str(exc):
+            # Dropped before its 220 to STARTTLS: a lost connection like any other, before any TLS.
+            return _failed(stage, replies.UPSTREAM_CONNECTION_LOST, problem=f"disconnected at STARTTLS: {exc}")
         # A handshake the upstream aborts (say, it offers only TLS 1.1) reaches us as a plain disconnect.
         return _failed(stage, replies.UPSTREAM_TLS_FAILED, problem=f"TLS handshake failed: {exc}")
     if isinstance(exc, SMTPServerDisconnected):

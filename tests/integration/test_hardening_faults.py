@@ -105,6 +105,25 @@ def test_upstream_fault_gives_right_reply_class_exactly_once_and_no_leak(rig, st
     assert relay.returncode is None
 
 
+TRANSIENT = [(s, f) for s in STEPS if s != "quit" for f in ("close", "reset", "4xx") if (s, f) in CASES]
+
+
+@pytest.mark.parametrize(("step", "fault"), TRANSIENT, ids=[f"{s}-{f}" for s, f in TRANSIENT])
+def test_an_upstream_unreachable_dropping_or_answering_4xx_gives_451_4_4_x_or_its_own_4xx(rig, step, fault):
+    """Issue: "Upstream unreachable, timing out, dropping the connection, or answering 4xx: the client gets
+    451 4.4.x (or the upstream's own 4xx)"; a drop at STARTTLS, before any TLS, too."""
+    upstream, relay, _ = rig
+    upstream.set_fault(step, fault)
+    try:
+        _, code, text = _send(relay, _marker())
+    finally:
+        upstream.set_fault(None)
+    if fault == "4xx" and step != "greeting":  # a 421 greeting closes the relay's session: 451 4.4.2
+        assert code // 100 == 4 and "fault:" in text, (code, text)  # the upstream's own
+    else:
+        assert code == 451 and text.startswith("4.4."), (code, text)
+
+
 def test_upstream_commits_then_loses_the_reply_is_the_reported_duplicate_window(rig):
     """The upstream stores the message and resets before its 250 arrives: the client must get 4xx (it will
     retry, so the message arrives twice). This is SMTP's own duplicate window (RFC 1047), counted, not hidden."""
