@@ -182,7 +182,7 @@ class RelayHandler:
             logs.event(logging.INFO, "forward.delivered", **fields)
         else:
             logs.event(
-                logging.ERROR if outcome.transient else logging.WARNING,
+                logging.ERROR if outcome.transient or outcome.relay_setup else logging.WARNING,
                 "forward.failed",
                 **fields,
                 reason=outcome.problem,

@@ -57,8 +57,6 @@ UPSTREAM_NO_8BITMIME = "554 5.6.3 Conversion required but not supported: the ups
 UPSTREAM_NO_SMTPUTF8_ADDRESS = "554 5.6.7 Non-ASCII address not permitted: the upstream does not accept SMTPUTF8"
 UPSTREAM_NO_SMTPUTF8_HEADER = "554 5.6.9 UTF-8 header cannot be transferred: the upstream does not accept SMTPUTF8"
 UPSTREAM_TLS_FAILED = "451 4.7.5 Upstream TLS failed, try again later"
-UPSTREAM_SESSION_REFUSED = "451 4.4.0 Upstream server refused the relay's session, try again later"
-UPSTREAM_AUTH_FAILED = "451 4.7.0 Upstream authentication failed, try again later"
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _UPSTREAM_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: |$)")

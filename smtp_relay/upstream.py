@@ -58,6 +58,7 @@ class Outcome:
     upstream_text: str = ""
     problem: str = ""
     duration: float = 0.0
+    relay_setup: bool = False  # the upstream refused the relay's own session or login: the operator must act
 
     @property
     def transient(self) -> bool:
@@ -562,31 +563,18 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, SMTPRecipientRefused):
         reply = replies.upstream_reply(exc.code, exc.message)
         return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused recipient {exc.recipient}")
-    if isinstance(exc, SMTPAuthenticationError) and 400 <= exc.code < 500:
-        # A transient refusal of the login (454 Temporary authentication failure): the upstream's own 4xx.
-        reply = replies.upstream_reply(exc.code, exc.message)
-        return Outcome(False, reply, stage, exc.code, exc.message, "upstream refused AUTH for now")
-    if isinstance(exc, SMTPAuthenticationError):
-        # The relay's own credentials are wrong: not the client's fault, so it may retry later.
-        return _failed(
-            stage,
-            replies.UPSTREAM_AUTH_FAILED,
-            code=exc.code,
-            text=exc.message,
-            problem="upstream rejected RELAY_USERNAME/RELAY_PASSWORD",
-        )
     if isinstance(exc, SMTPResponseException):
-        if exc.code in _AUTH_NEEDED:
-            # The upstream wants the relay to log in (RELAY_USERNAME unset or not enough): the relay's fault.
-            problem = "upstream requires authentication: check RELAY_USERNAME/RELAY_PASSWORD"
-            return Outcome(False, replies.UPSTREAM_AUTH_FAILED, stage, exc.code, exc.message, problem)
-        if exc.code >= 500 and stage in _SESSION_STAGES:
-            # Refusing the relay's own session (greeting, EHLO, STARTTLS) is a fault of the relay's setup, not a
-            # verdict on the message: the client must keep it and retry (as Postfix's smtp_skip_5xx_greeting).
-            reply = replies.UPSTREAM_SESSION_REFUSED
+        # The upstream's own reply, passed on with its class and text (issue: "Upstream 5xx: the client gets a
+        # 5xx with the upstream's text"), also when it refuses the relay's session or login, where it is the
+        # relay's setup to fix: the log line says so, at ERROR.
+        if isinstance(exc, SMTPAuthenticationError):
+            problem, relay_setup = "upstream refused RELAY_USERNAME/RELAY_PASSWORD", exc.code >= 500
+        elif exc.code in _AUTH_NEEDED:
+            problem, relay_setup = "upstream requires authentication: check RELAY_USERNAME/RELAY_PASSWORD", True
         else:
-            reply = replies.upstream_reply(exc.code, exc.message)
-        return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused at {stage.value}")
+            problem, relay_setup = f"upstream refused at {stage.value}", stage in _SESSION_STAGES
+        reply = replies.upstream_reply(exc.code, exc.message)
+        return Outcome(False, reply, stage, exc.code, exc.message, problem, relay_setup=relay_setup)
     if isinstance(exc, SMTPTimeoutError):
         return _failed(stage, replies.UPSTREAM_TIMEOUT, problem=f"timeout: {exc}")
     if stage is Stage.TLS and isinstance(exc, SMTPServerDisconnected | OSError | asyncio.IncompleteReadError):

@@ -15,21 +15,16 @@ from support.faults import _reset as reset
 UPSTREAM_AUTH = ("relay-up", "Up-Secret-77")
 TIMEOUT = 1.0
 
-# Steps that concern the relay's session with the upstream, not the message: the upstream refusing them
-# permanently is still the relay operator's problem (wrong host, credentials, TLS), so the client must keep
-# the message and retry (4xx), as Postfix does with smtp_skip_5xx_greeting. From MAIL on, a 5xx is the
-# upstream's verdict on this message and is passed on.
-SESSION_STEPS = ("connect", "greeting", "ehlo", "starttls", "auth")
-
 CASES = [(s, f) for s in STEPS for f in FAULTS if not (s == "connect" and f in ("4xx", "5xx"))]
 
 
 def expected_class(step: str, fault: str) -> int:
+    """Issue: 4xx for transient, 5xx for permanent. An upstream's 5xx is passed on at every step, also when it
+    refuses the relay's own session or login (greeting, EHLO, STARTTLS, AUTH: "Upstream 5xx: the client gets
+    a 5xx with the upstream's text")."""
     if step == "quit":
         return 2  # the upstream already answered 250 to the end of data: the message is delivered
-    if fault == "5xx" and step not in SESSION_STEPS:
-        return 5
-    return 4
+    return 5 if fault == "5xx" else 4
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +98,23 @@ def test_upstream_fault_gives_right_reply_class_exactly_once_and_no_leak(rig, st
     assert fds <= baseline["fds"], f"{step}/{fault}: relay fds {baseline['fds']} -> {fds}"
     assert thread_count <= baseline["threads"], f"{step}/{fault}: threads {baseline['threads']} -> {thread_count}"
     assert relay.returncode is None
+
+
+PERMANENT = [(s, "5xx") for s in STEPS if s not in ("connect", "quit")]
+
+
+@pytest.mark.parametrize(("step", "fault"), PERMANENT, ids=[f"{s}-{f}" for s, f in PERMANENT])
+def test_an_upstream_5xx_at_any_step_gives_the_client_a_5xx_with_the_upstreams_text(rig, step, fault):
+    upstream, relay, _ = rig
+    upstream.set_fault(step, fault)
+    try:
+        _, code, text = _send(relay, _marker())
+    finally:
+        upstream.set_fault(None)
+    assert code // 100 == 5 and "fault:" in text, (code, text)
+    stage = {"greeting": "connect", "ehlo": "connect", "starttls": "tls", "auth": "auth"}.get(step)
+    if stage is not None:  # the relay's own session or login: its operator must act
+        assert relay.wait_for_log("level=ERROR", "event=forward.failed", f"stage={stage}", "fault:")
 
 
 TRANSIENT = [(s, f) for s in STEPS if s != "quit" for f in ("close", "reset", "4xx") if (s, f) in CASES]

@@ -100,7 +100,7 @@ def test_postfix_5xx_is_passed_on_and_nothing_is_delivered(chain, tls):
     assert not _at_sink(sink, marker, timeout=2)
 
 
-def test_wrong_relay_password_for_postfix_is_a_451_and_nothing_is_delivered(module_stack, chain, tls):
+def test_wrong_relay_password_for_postfix_is_passed_on_as_its_535_and_nothing_is_delivered(module_stack, chain, tls):
     sink, postfix, _ = chain
     relay = module_stack.relay(
         postfix.port,
@@ -118,7 +118,7 @@ def test_wrong_relay_password_for_postfix_is_a_451_and_nothing_is_delivered(modu
         assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
         assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
         code, text = send_data(c, f"Subject: {marker}\r\n\r\nx\r\n".encode())
-    assert code == 451 and "4.7.0" in text, (code, text)
+    assert code == 535 and "5.7.8" in text, (code, text)  # Postfix's own refusal of the login, passed on
     assert not _at_sink(sink, marker, timeout=2)
     assert "not-the-password" not in relay.all_output()
 
