@@ -100,17 +100,24 @@ def test_upstream_fault_gives_right_reply_class_exactly_once_and_no_leak(rig, st
     assert relay.returncode is None
 
 
-PERMANENT = [(s, "5xx") for s in STEPS if s not in ("connect", "quit")]
-
-
-@pytest.mark.parametrize(("step", "fault"), PERMANENT, ids=[f"{s}-{f}" for s, f in PERMANENT])
-def test_an_upstream_5xx_at_any_step_gives_the_client_a_5xx_with_the_upstreams_text(rig, step, fault):
+def _reply_with_fault(rig, step: str, fault: str) -> tuple[int, str]:
+    """The client's reply to one message while the upstream fails at `step`."""
     upstream, relay, _ = rig
     upstream.set_fault(step, fault)
     try:
         _, code, text = _send(relay, _marker())
     finally:
         upstream.set_fault(None)
+    return code, text
+
+
+PERMANENT = [(s, "5xx") for s in STEPS if s not in ("connect", "quit")]
+
+
+@pytest.mark.parametrize(("step", "fault"), PERMANENT, ids=[f"{s}-{f}" for s, f in PERMANENT])
+def test_an_upstream_5xx_at_any_step_gives_the_client_a_5xx_with_the_upstreams_text(rig, step, fault):
+    relay = rig[1]
+    code, text = _reply_with_fault(rig, step, fault)
     assert code // 100 == 5 and "fault:" in text, (code, text)
     stage = {"greeting": "connect", "ehlo": "connect", "starttls": "tls", "auth": "auth"}.get(step)
     if stage is not None:  # the relay's own session or login: its operator must act
@@ -124,12 +131,7 @@ TRANSIENT = [(s, f) for s in STEPS if s != "quit" for f in ("close", "reset", "4
 def test_an_upstream_unreachable_dropping_or_answering_4xx_gives_451_4_4_x_or_its_own_4xx(rig, step, fault):
     """Issue: "Upstream unreachable, timing out, dropping the connection, or answering 4xx: the client gets
     451 4.4.x (or the upstream's own 4xx)"; a drop at STARTTLS, before any TLS, too."""
-    upstream, relay, _ = rig
-    upstream.set_fault(step, fault)
-    try:
-        _, code, text = _send(relay, _marker())
-    finally:
-        upstream.set_fault(None)
+    code, text = _reply_with_fault(rig, step, fault)
     if fault == "4xx" and step != "greeting":  # a 421 greeting closes the relay's session: 451 4.4.2
         assert code // 100 == 4 and "fault:" in text, (code, text)  # the upstream's own
     else:
