@@ -178,11 +178,14 @@ class Upstream:
                         )
                     )
                 await client.starttls()
+            if client.is_ehlo_or_helo_needed:
+                # Before the login too: aiosmtplib's login() would answer a refused EHLO with HELO, which lists
+                # no AUTH, and so hide the upstream's refusal behind "AUTH not supported". SIZE and 8BITMIME
+                # are then known before the first MAIL.
+                await client.ehlo()
             if s.username:
                 stage = Stage.AUTH
                 await client.login(s.username, s.password)
-            elif client.is_ehlo_or_helo_needed:
-                await client.ehlo()  # so that SIZE and 8BITMIME are known before the first MAIL
             opened = True
             logs.event(
                 logging.DEBUG,
@@ -560,17 +563,16 @@ def _classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, SMTPResponseException) and exc.code == 421:  # at any stage, a recipient's included
         # The upstream is closing the session: transient, and the client's session goes on.
         return Outcome(False, replies.UPSTREAM_CLOSING, stage, exc.code, exc.message, "upstream closing (421)")
-    if isinstance(exc, SMTPRecipientRefused):
-        reply = replies.upstream_reply(exc.code, exc.message)
-        return Outcome(False, reply, stage, exc.code, exc.message, f"upstream refused recipient {exc.recipient}")
     if isinstance(exc, SMTPResponseException):
         # The upstream's own reply, passed on with its class and text (issue: "Upstream 5xx: the client gets a
         # 5xx with the upstream's text"), also when it refuses the relay's session or login, where it is the
         # relay's setup to fix: the log line says so, at ERROR.
         if isinstance(exc, SMTPAuthenticationError):
             problem, relay_setup = "upstream refused RELAY_USERNAME/RELAY_PASSWORD", exc.code >= 500
-        elif exc.code in _AUTH_NEEDED:
+        elif exc.code in _AUTH_NEEDED:  # at MAIL or at a recipient
             problem, relay_setup = "upstream requires authentication: check RELAY_USERNAME/RELAY_PASSWORD", True
+        elif isinstance(exc, SMTPRecipientRefused):
+            problem, relay_setup = f"upstream refused recipient {exc.recipient}", False
         else:
             problem, relay_setup = f"upstream refused at {stage.value}", stage in _SESSION_STAGES
         reply = replies.upstream_reply(exc.code, exc.message)

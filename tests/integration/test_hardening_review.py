@@ -124,6 +124,12 @@ def test_upstream_closing_or_demanding_auth_at_mail(stack, reply, expected):
     assert (stage, code) == ("DATA", expected), (stage, code, text)
     if expected == 530:
         assert relay.wait_for_log("level=ERROR", "event=forward.failed", "RELAY_USERNAME"), relay.describe()
+        # The same at a recipient: the relay's login, not the recipient, is what the operator must fix.
+        upstream.configure(refuse_rcpt={"rcpt@example.com": reply})
+        stage, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
+        assert code == 530, (stage, code, text)
+        lines = [ln for ln in relay.log_lines() if "event=forward.failed" in ln and "RELAY_USERNAME" in ln]
+        assert len(lines) == 2 and lines[-1].split()[1] == "level=ERROR", lines
     upstream.configure()
     assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250
 

@@ -441,3 +441,13 @@ def test_a_message_declared_8bit_is_refused_for_an_upstream_without_8bitmime(sta
         assert [m[1] for m in upstream.messages] == [["b@example.com"]]
         assert not any("BODY=8BITMIME" in line for read in upstream.reads for line in read)
         assert relay.wait_for_log("event=forward.failed", "upstream does not offer 8BITMIME")
+
+
+def test_an_ehlo_refused_before_the_relays_login_is_passed_on_with_its_text(stack):
+    # aiosmtplib's login() would answer the refusal with HELO, which lists no AUTH, and report only that: a 451
+    # without the upstream's words. The relay sends EHLO itself, and the upstream's 5xx reaches the client.
+    with ScriptedUpstream(Script(ehlo=b"550 5.7.1 not you")) as upstream:
+        relay = stack.relay(upstream.port, RELAY_USERNAME="relay-user", RELAY_PASSWORD="relay-pass")
+        _, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
+        assert (code, text) == (550, "5.7.1 not you"), (code, text)
+        assert relay.wait_for_log("level=ERROR", "event=forward.failed", "not you"), relay.describe()

@@ -20,6 +20,7 @@ from .net import ThreadedServer
 class Script:
     pipelining: bool = True
     eight_bit_mime: bool = True  # offer 8BITMIME
+    ehlo: bytes | None = None  # a refusal of EHLO (HELO is then taken, with no extension)
     mail: bytes = b"250 2.1.0 OK"
     sender: dict[str, bytes] = field(default_factory=dict)  # address -> reply to its MAIL; others get `mail`
     rcpt: dict[str, bytes] = field(default_factory=dict)  # address -> reply; others get `rcpt_ok`
@@ -74,7 +75,11 @@ class ScriptedUpstream(ThreadedServer):
                 answers = []
                 for line in lines:
                     verb = line[:4].upper()
-                    if verb == b"EHLO":
+                    if verb == b"EHLO" and s.ehlo is not None:
+                        answers.append(s.ehlo)
+                    elif verb == b"HELO":
+                        answers.append(b"250 scripted.test")
+                    elif verb == b"EHLO":
                         caps = [b"scripted.test", b"SIZE 10485760", *([b"8BITMIME"] * s.eight_bit_mime)]
                         if s.pipelining:
                             caps.append(b"PIPELINING")
