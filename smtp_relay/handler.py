@@ -21,7 +21,7 @@ from smtp_relay.upstream import Upstream
 
 # RFC 5321 asks servers to take at least 100; 1000 covers every real list while bounding one envelope.
 MAX_RECIPIENTS = 1000
-TOO_MANY_RECIPIENTS = replies.Logged("452 4.5.3 Too many recipients")
+TOO_MANY_RECIPIENTS = replies.Logged(replies.TOO_MANY_RECIPIENTS)
 
 # The handler logs every refusal it decides: its replies say so (`replies.Logged`), so that the protocol does not.
 _SENDER_REPLIES = {

@@ -35,6 +35,8 @@ ADDRESS_INVALID = "553 5.1.3 Malformed address"
 # RFC 6531 3.4: a non-ASCII address only in a transaction whose MAIL FROM says SMTPUTF8.
 ADDRESS_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address without SMTPUTF8 in MAIL FROM"
 RECIPIENT_ADDRESS_INVALID = "501 5.1.3 Malformed recipient address"
+# RFC 5321 4.5.3.1.10: the client sends the rest in another transaction.
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 MESSAGE_HAD_REFUSED_RECIPIENTS = "554 5.7.1 Message refused: one or more recipients were not allowed"
 MESSAGE_HAD_UNREAD_COMMAND = "554 5.7.1 Message refused: a command of this transaction could not be read"
 

@@ -206,3 +206,16 @@ def test_commands_pipelined_behind_a_421_get_no_reply_and_no_log_line(stack):
     assert relay.wait_for_log("event=disconnect", f"peer={peer}"), relay.describe()
     events = [ln.split("event=")[1].split()[0] for ln in relay.log_lines() if f"peer={peer}" in ln]
     assert events == ["connect", "auth.refused", "disconnect"], events
+
+
+def test_auth_lockout_seconds_0_locks_nobody_out_and_logs_no_lockout(stack):
+    relay = stack.relay(stack.sink().port, AUTH_MAX_FAILURES="1", AUTH_LOCKOUT_SECONDS="0")
+    for _ in range(3):
+        with RawClient(relay.port) as c:
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.auth_plain(CLIENT_USER, "wrong")[0] == 535
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+    assert relay.wait_for_log("event=auth", "outcome=success")
+    assert "event=auth.lockout" not in relay.stdout, relay.describe()
