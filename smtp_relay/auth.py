@@ -48,7 +48,7 @@ class Authenticator:
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
             return AuthResult(success=True, auth_data=user)
         logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields)
-        if outcome is Outcome.LOCKOUT and self.throttle.lockout_seconds > 0:  # 0: lockouts are off
+        if outcome is Outcome.LOCKOUT:
             logs.event(
                 logging.WARNING,
                 "auth.lockout",

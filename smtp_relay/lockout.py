@@ -96,7 +96,7 @@ class LoginThrottle:
     def _count_failure(self, address: str, record: Record | None, now: float) -> bool:
         record = record or Record(0, now, 0.0)
         failures = record.failures + 1
-        if failures >= self.max_failures and record.locked_until <= now:
+        if failures >= self.max_failures and self.lockout_seconds > 0 and record.locked_until <= now:  # 0: off
             self._store.put(address, Record(0, now, now + self.lockout_seconds))
             return True
         self._store.put(address, Record(failures, now, record.locked_until))

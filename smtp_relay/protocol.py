@@ -9,7 +9,7 @@ import re
 import secrets
 import time
 import types
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
@@ -44,8 +44,12 @@ aiosmtpd.smtp.sanitized_log = _sanitized_log
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z", re.DOTALL)
-# What `_getaddr` hands on for parameters that are not printable ASCII: `_getparams` refuses it (501).
+# What `_getaddr` hands on for parameters that are not printable ASCII: a parameter name the library's
+# `_getparams` refuses (not alphanumeric), a 501 syntax error. (Its Unicode rules took `SIZE=²` for digits, then
+# failed in `int()`: a 451 and a traceback.)
 _BAD_PARAMETERS = "\x00"
+# Parameters as RFC 5321 writes them (esmtp-param): printable ASCII, spaces and tabs between them.
+_ASCII_PARAMETERS = re.compile(r"[\t\x20-\x7e]*")
 _SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
 
@@ -127,7 +131,7 @@ class ConnectionTracker(Protocol):
 LOGGED_REFUSALS = 20
 # aiosmtpd's refusals of a command line it could not read (too long, a command word that is not ASCII, or an
 # empty line): it never learnt which command it was. (Arguments that are not UTF-8 reach the commands, which
-# refuse them: see `_utf8_text`.)
+# refuse them: see `is_clean_text`.)
 _UNREAD_COMMAND_REPLIES = frozenset({"500 Command line too long", "500 Error: bad syntax"})
 
 
@@ -387,7 +391,7 @@ class RelaySMTP(SMTP):
         no-break space a separator) before `_getparams` sees them.
         """
         address, rest = self._getaddr_parts(arg)
-        if rest and not (rest.isascii() and is_clean_text(rest)):
+        if rest and not _ASCII_PARAMETERS.fullmatch(rest):
             rest = _BAD_PARAMETERS
         return address, rest
 
@@ -420,14 +424,6 @@ class RelaySMTP(SMTP):
             if fixed != arg:
                 address, rest = self._parse_address(fixed)
         return address, rest
-
-    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """The library's MAIL/RCPT parameters (RFC 5321 esmtp-param), which are printable ASCII only: it checks them
-        with Unicode rules, so `SIZE=²` passed as digits, then failed in `int()` (a 451 and a traceback). None: a
-        syntax error."""
-        if not all(param.isascii() and param.isprintable() for param in params):
-            return None
-        return super()._getparams(params)
 
     def _parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """The library's parser; some malformed input makes the email header parser raise instead of refusing,
