@@ -99,6 +99,11 @@ class RelayEnvelope(Envelope):
 LOGGED_ADDRESSES = 5
 LOGGED_ADDRESSES_LENGTH = 400
 
+# A DATA transfer is cut off when the client sends nothing for TIMEOUT, or when it falls below this average rate
+# after its first TIMEOUT (Postfix's `smtpd_min_data_rate`): a large message on a slow link gets through, while
+# a client that dribbles its body a few bytes at a time cannot hold a connection for long.
+MIN_DATA_RATE = 500  # bytes per second
+
 
 def _first_addresses(addresses: list[str]) -> str | None:
     """The first refused addresses, at most `LOGGED_ADDRESSES_LENGTH` bytes once escaped: JSON writes a character
@@ -147,6 +152,11 @@ class RelaySMTP(SMTP):
         self._registered = False
         self._idle_deadline = 0.0
         self._tls_established = False
+        # While a body is read: when the transfer began and the bytes received before it; the bytes received
+        # since, and when the last of them came (see `_data_deadline`).
+        self._data_since: tuple[float, int] | None = None
+        self._received = 0
+        self._received_at = 0.0
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
         self._client_left = False  # the client closed its side (its replies can no longer be sent)
         self.aborted = False  # the relay cut the connection (shutdown past TIMEOUT), not the client
@@ -277,6 +287,14 @@ class RelaySMTP(SMTP):
             raise
         if self._tls_protocol is not None and not self._tls_established and self._registered:
             self.connection_lost(None)
+
+    def data_received(self, data: bytes) -> None:
+        """Count what arrives during a DATA transfer: the idle timeout needs the client's progress, and the body
+        reader sees it only in large pieces."""
+        if self._data_since is not None:
+            self._received += len(data)
+            self._received_at = self.loop.time()
+        super().data_received(data)
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours (the connection ends, and its MAX_CONNECTIONS slot is free).
@@ -481,6 +499,8 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
+        self._received_at = self.loop.time()
+        self._data_since = (self._received_at, self._received)
         try:
             try:
                 await receive(self._reader, body)
@@ -493,6 +513,8 @@ class RelaySMTP(SMTP):
                 logs.event(logging.INFO, "data.aborted", **self._ids(), reason="end of stream")
                 self._writer.close()
                 return
+            finally:
+                self._data_since = None
             if body.refusal is not None:
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
                 await self.push(self._refusal_reply(body))
@@ -618,14 +640,24 @@ class RelaySMTP(SMTP):
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
 
+    def _data_deadline(self) -> float:
+        """When a DATA transfer in progress is cut off: TIMEOUT after the last bytes came, and at the latest when
+        its average rate falls below MIN_DATA_RATE, after a first TIMEOUT."""
+        assert self._data_since is not None
+        started, before = self._data_since
+        allowed = started + self._timeout_duration + (self._received - before) / MIN_DATA_RATE
+        return min(self._received_at + self._timeout_duration, allowed)
+
     def _timeout_cb(self) -> None:
         """Say why before hanging up on an idle client (aiosmtpd just closes), and log it.
 
-        A connection closed earlier that is still open a TIMEOUT later belongs to a client that reads nothing: a
-        close waits until the unread replies are sent, which would hold the connection (and its MAX_CONNECTIONS
-        slot) forever. It is aborted.
+        aiosmtpd moves the deadline per command; during a DATA transfer the client's progress moves it too
+        (`_data_deadline`). A connection closed earlier that is still open a TIMEOUT later belongs to a client
+        that reads nothing: a close waits until the unread replies are sent, which would hold the connection (and
+        its MAX_CONNECTIONS slot) forever. It is aborted.
         """
-        if self._idle_deadline > self.loop.time():  # a command came since the timer was set
+        now = self.loop.time()
+        if self._idle_deadline > now:  # a command came since the timer was set
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
             return
         session = self.session
@@ -635,9 +667,20 @@ class RelaySMTP(SMTP):
             logs.event(logging.INFO, "timeout", **ids, reason="replies not read, connection aborted")
             _writable(transport).abort()
             return
+        reason, reply = None, replies.IDLE_TIMEOUT
+        if self._data_since is not None:
+            deadline = self._data_deadline()
+            if deadline > now:  # the body is still coming
+                self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+                return
+            idle = self._received_at + self._timeout_duration <= now
+            if idle:
+                reason = "no data for TIMEOUT during DATA"
+            else:
+                reason, reply = f"DATA slower than {MIN_DATA_RATE} bytes/s", replies.DATA_TOO_SLOW
         if isinstance(session, RelaySession):
-            logs.event(logging.INFO, "timeout", **ids)
-        self._close_with(replies.IDLE_TIMEOUT)
+            logs.event(logging.INFO, "timeout", **ids, reason=reason)
+        self._close_with(reply)
 
     def begin_shutdown(self) -> None:
         """Close now if idle; otherwise let the transaction finish and close after its reply."""

@@ -15,6 +15,7 @@ class Logged(str):
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+DATA_TOO_SLOW = "421 4.4.2 Message data too slow, closing connection"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed logins, try again later"
 # aiosmtpd closes after 5 unknown commands with a 502; a reply that closes the connection is a 421 (RFC 5321 3.8),
 # which a client takes as "try later" rather than as a permanent failure of the mail it may still hold.

@@ -428,6 +428,80 @@ def test_slowloris_dribbling_forever_is_disconnected_within_timeout(healthy, pha
     assert not _stored(sink, marker)
 
 
+def _dribble_body(c: RawClient, marker: str, piece: int, every: float, seconds: float) -> float | None:
+    """After DATA: send body lines of `piece` bytes every `every` seconds for `seconds`; when the relay closed
+    the connection (seconds from the start), or None if it did not."""
+    c.send(f"X-Case: {marker}\r\n\r\n".encode())
+    line = b"y" * (piece - 2) + b"\r\n"
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            c.send(line)
+        except OSError:
+            return time.monotonic() - started
+        if c.closed_by_peer(every):
+            return time.monotonic() - started
+    return None
+
+
+def test_slow_but_steady_body_outlasting_timeout_is_delivered(healthy):
+    """TIMEOUT is an idle timeout: a large message on a slow link (here about 1.6 KB/s, over 3 x TIMEOUT) that
+    keeps coming is not cut off for taking longer than TIMEOUT as a whole."""
+    relay, sink = healthy
+    marker = uuid.uuid4().hex
+    c = _authed(relay)
+    try:
+        _envelope(c)
+        assert c.cmd("DATA")[0] == 354
+        assert _dribble_body(c, marker, piece=400, every=0.25, seconds=TIMEOUT * 3) is None
+        c.send(b".\r\n")
+        assert c.reply()[0] == 250
+    finally:
+        c.close()
+    assert len(_stored(sink, marker)) == 1
+
+
+def test_body_below_the_minimum_rate_is_cut_off(healthy):
+    """A body trickling in below MIN_DATA_RATE (here 200 bytes/s) is cut off with 421 once its first TIMEOUT and
+    the time its bytes earned are spent (2 s + 200 t / 500 s: about 3.3 s), and the reason is logged."""
+    relay, sink = healthy
+    marker = uuid.uuid4().hex
+    c = _authed(relay)
+    try:
+        _envelope(c)
+        assert c.cmd("DATA")[0] == 354
+        closed_after = _dribble_body(c, marker, piece=50, every=0.25, seconds=TIMEOUT * 4)
+        assert closed_after is not None, "a body coming at 200 bytes/s was never cut off"
+        assert TIMEOUT < closed_after < TIMEOUT * 2 + 1, closed_after
+        assert b"421 4.4.2 Message data too slow" in c.buf
+    finally:
+        c.close()
+    assert not _stored(sink, marker)
+    assert wait_until(lambda: 'reason="DATA slower than 500 bytes/s"' in relay.stdout, 5), relay.describe()
+
+
+def test_body_that_stops_coming_is_cut_off_after_timeout(healthy):
+    """A client that sends part of a body and then nothing is cut off TIMEOUT after its last bytes, with the
+    idle timeout's 421, also after it earned more time by sending fast."""
+    relay, sink = healthy
+    marker = uuid.uuid4().hex
+    c = _authed(relay)
+    try:
+        _envelope(c)
+        assert c.cmd("DATA")[0] == 354
+        c.send(f"X-Case: {marker}\r\n\r\n".encode() + (b"z" * 998 + b"\r\n") * 30)  # earns 60 s
+        time.sleep(TIMEOUT / 2)
+        c.send(b"last line\r\n")
+        last = time.monotonic()
+        assert c.closed_by_peer(TIMEOUT * 3), "a body that stopped coming was never cut off"
+        assert TIMEOUT - 0.5 < time.monotonic() - last < TIMEOUT + 1.5
+        assert b"421 4.4.2 Idle timeout" in c.buf
+    finally:
+        c.close()
+    assert not _stored(sink, marker)
+    assert wait_until(lambda: 'reason="no data for TIMEOUT during DATA"' in relay.stdout, 5), relay.describe()
+
+
 def test_client_that_never_reads_replies_is_held_back_and_cut_off(healthy, rig):
     relay, _, baseline = rig
     aborted = 'reason="replies not read, connection aborted"'
