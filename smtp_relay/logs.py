@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import json
@@ -311,17 +312,15 @@ def check_log_file(settings: Settings) -> None:
 
     Permission bits alone cannot tell (root may be refused, say under /proc), so it is tried: a regular file is
     opened for appending (which writes nothing), a device or socket without waiting (`/dev/stdout` may be a
-    pipe), and a missing file in an existing directory (also the target of a link) is created and removed again.
-    A FIFO is only checked for permission (opening it would wait for a reader), and so is a file whose
-    directories the relay will still make (the nearest existing one is judged).
+    pipe), and a missing file (also the target of a link) is created and removed again, with the directories the
+    relay would make for it, as `setup` makes them (so the error is the one the relay would give). A FIFO is only
+    checked for permission (opening it would wait for a reader).
     """
     if not settings.log_file:
         return
     shown = settings.log_file
     path = Path(shown)
     try:
-        if path.is_dir():
-            raise ConfigError("LOG_FILE", f"{shown!r} is a directory")
         if path.is_file():
             path.open("a").close()
         elif path.exists():
@@ -330,18 +329,30 @@ def check_log_file(settings: Settings) -> None:
                     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             else:
                 os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
-        elif path.is_symlink() or path.parent.is_dir():
-            # A link with no file behind it yet (the relay creates its target, not the target's directories).
-            target = Path(os.path.realpath(path))
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-            target.unlink()
         else:
-            existing = next((p for p in path.parents if p.exists()), Path("/"))
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise PermissionError(0, f"{str(existing)!r} is not writable")
+            _try_create(path)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError("LOG_FILE", f"cannot open {shown!r} for writing: {reason}") from None
+
+
+def _try_create(path: Path) -> None:
+    """Make the missing directories and the file as `setup` would (through a link with no file behind it, its
+    target), then remove what was made."""
+    missing = []
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target = Path(os.path.realpath(path))
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        target.unlink()
+    finally:
+        for directory in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def setup(settings: Settings) -> None:

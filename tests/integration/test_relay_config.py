@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support.client import RawClient, plain_b64, transaction
@@ -110,7 +111,18 @@ BAD_AT_START = {
     "log-file-is-a-directory": (lambda tmp: {"LOG_FILE": str(tmp)}, "LOG_FILE"),
     # Root passes every permission check, yet cannot create a file here: only trying tells.
     "log-file-cannot-be-created": (lambda tmp: {"LOG_FILE": "/proc/smtp-relay.log"}, "LOG_FILE"),
+    # The relay makes missing directories: a file (executable, so permission bits would not tell) in their place,
+    # and a directory that cannot be made, even by root.
+    "log-directory-is-a-file": (lambda tmp: {"LOG_FILE": str(_executable_file(tmp) / "relay.log")}, "LOG_FILE"),
+    "log-directory-cannot-be-made": (lambda tmp: {"LOG_FILE": "/proc/smtp-relay/relay.log"}, "LOG_FILE"),
 }
+
+
+def _executable_file(tmp_path) -> Path:
+    path = tmp_path / "logs"
+    path.write_text("")
+    path.chmod(0o755)
+    return path
 
 
 def test_check_config_leaves_no_trace_of_its_log_file_check(tmp_path):
@@ -120,6 +132,10 @@ def test_check_config_leaves_no_trace_of_its_log_file_check(tmp_path):
     log.write_text("kept\n")
     assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(log)}, timeout=10).returncode == 0
     assert log.read_text() == "kept\n"
+    # Directories the relay would make are made and removed again.
+    deep = tmp_path / "new" / "logs" / "relay.log"
+    assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(deep)}, timeout=10).returncode == 0
+    assert not (tmp_path / "new").exists()
 
 
 def test_check_config_follows_log_file_links_and_never_waits_on_a_fifo(tmp_path):
@@ -150,6 +166,14 @@ def test_files_and_addresses_that_cannot_be_used_exit_2_naming_the_variable(tmp_
     assert "Traceback" not in out.stderr + out.stdout
     if variable == "LISTEN_HOST":
         assert f":{env['LISTEN_PORT']}:" in lines[0], lines[0]  # the port it would listen on, not a probe's
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_AT_START if c.startswith("log-")])
+def test_check_config_gives_the_log_file_error_the_relay_gives_at_start(tmp_path, case):
+    overrides, _ = BAD_AT_START[case]
+    env = {**_base(tmp_path), **overrides(tmp_path)}
+    checked, started = run_cli(["--check-config"], env, timeout=10), _run_invalid(env)
+    assert checked.stderr.strip().splitlines() == started.stderr.strip().splitlines(), (checked.stderr, started.stderr)
 
 
 def test_check_config_finds_a_certificate_that_does_not_match_its_key(tmp_path, tls):
