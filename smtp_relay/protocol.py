@@ -337,7 +337,7 @@ class RelaySMTP(SMTP):
             # accepted the message): say so; `_handle_client` ends the session quietly. After the relay closed
             # the connection itself (a 421, QUIT), commands the client pipelined behind get no reply and no line.
             if transport is None or self._client_left:
-                reply = response[:64].decode("ascii", "replace")
+                reply = replies.for_log(response.decode("ascii", "replace"))[:64]
                 logs.event(logging.INFO, "reply.lost", **self._ids(), reply=reply)
             raise ConnectionResetError("Connection lost")
         _writable(transport).write(response + b"\r\n")
@@ -590,6 +590,7 @@ class RelaySMTP(SMTP):
         """Log a refusal the relay's own code did not log: the first LOGGED_REFUSALS of a connection, then a
         line saying the rest are only counted (in `disconnect`)."""
         self._errors += 1
+        reply = replies.for_log(reply)
         if self._errors <= LOGGED_REFUSALS:
             logs.event(logging.WARNING, "command.refused", **self._ids(), **fields, reply=reply)
         elif self._errors == LOGGED_REFUSALS + 1:

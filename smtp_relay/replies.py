@@ -115,6 +115,16 @@ def with_enhanced_code(reply: str) -> str:
     return f"{code}{reply[3:4]}{detail} {reply[4:]}"
 
 
+# aiosmtpd echoes an unknown command word in its reply: that word may be a password (AUTH data sent where no AUTH
+# exchange was running, or pipelined after a refused AUTH), so logs show it masked.
+_ECHOED_COMMAND = re.compile(r'(Error: command )".*"( not recognized)', re.DOTALL)
+
+
+def for_log(reply: str) -> str:
+    """A reply as it may be logged: without what the client wrote where no command was recognised."""
+    return _ECHOED_COMMAND.sub(r'\1"..."\2', reply)
+
+
 def upstream_reply(code: int, text: str) -> str:
     """Pass an upstream error on to the client: keep its class, code and text, on one safe line. Never 421:
     that would say the relay closes the client's connection (the upstream's session is another one)."""

@@ -163,6 +163,28 @@ def test_no_password_in_the_logs_even_at_debug_level(relays):
     _assert_no_secrets(relay)
 
 
+def test_credentials_read_as_unknown_commands_never_reach_the_log(relay):
+    """AUTH data the relay reads as commands (AUTH LOGIN pipelined before EHLO, the lines after a cancelled
+    exchange, a bare AUTH PLAIN token) gets aiosmtpd's `500 ... command "..." not recognized`, which echoes the
+    line upper-cased: the log masks it, as the upper-cased base64 gives the password back in a few guesses."""
+    user64 = base64.b64encode(CLIENT_USER.encode()).decode()
+    password64 = base64.b64encode(CLIENT_PASSWORD.encode()).decode()
+    with RawClient(relay.port) as c:
+        c.send(f"AUTH LOGIN\r\n{user64}\r\n{password64}\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [503, 500, 500]
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH LOGIN")[0] == 334
+        assert c.cmd("*")[0] == 501  # cancelled (RFC 4954): the next line is a command
+        assert c.cmd(password64)[0] == 500
+        assert c.cmd(plain_b64(CLIENT_USER, CLIENT_PASSWORD))[0] == 500
+    assert relay.wait_for_log("event=disconnect", "refusals=") is not None, relay.describe()
+    everything = relay.all_output()
+    assert everything.count('command \\"...\\" not recognized') + everything.count('command "..." not') >= 4
+    for secret in (password64, plain_b64(CLIENT_USER, CLIENT_PASSWORD)):
+        assert secret.upper() not in everything.upper()
+    _assert_no_secrets(relay)
+
+
 def test_crlf_in_client_text_cannot_forge_a_log_line(relay):
     forged_user = f"evil\r\nFORGED-LINE level=INFO event=auth outcome=success user={CLIENT_USER}\nFORGED-TWO x=1"
     with RawClient(relay.port) as c:

@@ -146,3 +146,10 @@ def test_refused_addresses_in_a_log_line_stay_within_their_cap_once_escaped(addr
     assert shown is not None
     assert len(json.dumps(shown)) <= LOGGED_ADDRESSES_LENGTH + len('"...,..."')
     assert len(TextFormatter().format_event(0.0, "INFO", "x", {"refused": shown}).encode()) < 4 * 1024
+
+
+def test_replies_echoing_an_unknown_command_are_logged_without_it():
+    echoed = replies.with_enhanced_code('500 Error: command "UZNJCMV0" not recognized')
+    assert replies.for_log(echoed) == '500 5.5.2 Error: command "..." not recognized'
+    assert replies.for_log('500 Error: command "A"B" not recognized') == '500 Error: command "..." not recognized'
+    assert replies.for_log(replies.IDLE_TIMEOUT) == replies.IDLE_TIMEOUT
