@@ -116,6 +116,8 @@ class ConnectionPool:
             return "shutdown"
         if not conn.client.is_connected:
             return "lost"
+        if _unread(conn.client):
+            return "out of step"
         if conn.messages >= self.max_messages:
             return "max messages"
         if len(self._idle) >= self.size:
@@ -166,3 +168,11 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
         pass
     finally:
         client.close()
+
+
+def _unread(client: aiosmtplib.SMTP) -> bool:
+    """Bytes the upstream sent after the reply that ended the transaction (in the same read): replies to nothing
+    the relay asked. Kept, the session would answer the next message's first command with them (a stray `554`
+    refusing a message the upstream never saw), so the session is out of step and is not reused."""
+    protocol = client.protocol
+    return protocol is not None and bool(protocol._buffer)

@@ -451,3 +451,17 @@ def test_an_ehlo_refused_before_the_relays_login_is_passed_on_with_its_text(stac
         _, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
         assert (code, text) == (550, "5.7.1 not you"), (code, text)
         assert relay.wait_for_log("level=ERROR", "event=forward.failed", "not you"), relay.describe()
+
+
+def test_a_stray_reply_after_the_final_one_does_not_answer_the_next_message(stack):
+    """An upstream that sends more than the reply to the end of data (here a stray 554 in the same write) has a
+    session out of step: kept, its next transaction would read that 554 as the reply to its MAIL and refuse a
+    message the upstream never saw. The session is closed; the next message goes on a new one and is delivered."""
+    script = Script(end_of_data=b"250 2.0.0 OK queued\r\n554 5.7.1 stray line")
+    with ScriptedUpstream(script) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="5")
+        for i in range(3):  # each within a second of the last: no health probe between them
+            stage, code, text = transaction(relay.port, "sender@example.com", [f"r{i}@example.com"], MSG)
+            assert (stage, code) == ("DATA", 250), (i, stage, code, text)
+        assert [m[1] for m in upstream.messages] == [[f"r{i}@example.com"] for i in range(3)]
+        assert upstream.sessions == 3
