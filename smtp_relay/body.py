@@ -190,6 +190,9 @@ class MessageBody:
         self._file: IO[bytes] | None = None
         self._finished = False
         self._closed = False
+        # The end of data was written upstream: from then on the upstream may have the message, whatever
+        # happens to the connection (see `RelaySMTP.eof_received`).
+        self.end_sent = False
 
     # -- receiving -------------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:

@@ -150,7 +150,8 @@ class RelayHandler:
             logs.log.exception("forward.error", extra={"fields": {**ids, "reason": "internal error"}})
             return _INTERNAL_ERROR
         except asyncio.CancelledError:
-            # aiosmtpd cancels the session when the client closes its side, also while its message is on the way.
+            # aiosmtpd cancels the session when the client closes its side, also while its message is on the way:
+            # the relay lets it, until the end of data went upstream (`RelaySMTP.eof_received`).
             logs.event(
                 logging.WARNING,
                 "forward.cancelled",
@@ -160,7 +161,7 @@ class RelayHandler:
                 reason=(
                     "the relay stopped (shutdown past TIMEOUT) during the delivery; the client got no reply"
                     if server.aborted
-                    else "client closed the connection during the delivery; it got no reply"
+                    else "client closed the connection before its message went upstream whole: not delivered"
                 ),
             )
             raise

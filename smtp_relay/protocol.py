@@ -159,6 +159,8 @@ class RelaySMTP(SMTP):
         self._received_at = 0.0
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
         self._client_left = False  # the client closed its side (its replies can no longer be sent)
+        self._eof_deferred = False  # ... while its message was already upstream: the session ends after its reply
+        self._lost_in_delivery = False  # the connection was lost while its message was already upstream
         self.aborted = False  # the relay cut the connection (shutdown past TIMEOUT), not the client
         # The library keeps this table on the class, shared by every connection, clears it in every __init__ and
         # grows it on every EHLO: each connection has its own (`spawn`).
@@ -234,26 +236,46 @@ class RelaySMTP(SMTP):
             )
 
     def connection_lost(self, error: Exception | None) -> None:
+        """aiosmtpd cancels the command loop here, and with it a delivery in flight: not one whose end of data
+        already went upstream (see `eof_received`), unless the relay itself cut the connection (shutdown). That
+        delivery finishes and logs its outcome, its reply is lost (`reply.lost`), and the connection keeps its
+        MAX_CONNECTIONS slot until then (`smtp_DATA` ends it)."""
         session = self.session
+        finishing = self._delivery_committed() and not self.aborted
         try:
-            super().connection_lost(error)
+            if finishing:
+                loop_task, self._handler_coroutine = self._handler_coroutine, _NOT_CANCELLED
+                try:
+                    super().connection_lost(error)
+                finally:
+                    self._handler_coroutine = loop_task
+            else:
+                super().connection_lost(error)
         finally:
-            if self._registered:
-                self._registered = False
-                self._tracker.closed(self)
-                if isinstance(session, RelaySession):
-                    logs.event(
-                        logging.INFO,
-                        "disconnect",
-                        session=session.id,
-                        peer=session.peer_text,
-                        user=session.user,
-                        helo=session.host_name or None,
-                        messages=session.messages,
-                        delivered=session.delivered,
-                        refusals=self._errors or None,
-                        duration=round(time.monotonic() - session.started, 3),
-                    )
+            if finishing:
+                self._lost_in_delivery = True
+            else:
+                self._unregister(session)
+
+    def _unregister(self, session: Session | None) -> None:
+        """The connection is over: free its slot and log its end, once."""
+        if not self._registered:
+            return
+        self._registered = False
+        self._tracker.closed(self)
+        if isinstance(session, RelaySession):
+            logs.event(
+                logging.INFO,
+                "disconnect",
+                session=session.id,
+                peer=session.peer_text,
+                user=session.user,
+                helo=session.host_name or None,
+                messages=session.messages,
+                delivered=session.delivered,
+                refusals=self._errors or None,
+                duration=round(time.monotonic() - session.started, 3),
+            )
 
     async def _handle_client(self) -> None:
         """aiosmtpd's command loop; a client gone while it answered ends it without an error.
@@ -303,10 +325,33 @@ class RelaySMTP(SMTP):
         cancellation handler to close it. A client that hangs up before the loop first ran (a TCP health check, a
         port scan) cancels it before that handler exists: the connection then stayed open until TIMEOUT. Replies
         already written are still sent before the close.
+
+        A message whose end of data already went upstream is not cancelled: the upstream may have it, so a
+        cancel would only withhold the reply from a client that shut down its side to read on (TCP cannot tell
+        that from a close), which would then send it again. Its delivery finishes, the reply is written, and the
+        session ends then (`_end_after_eof`). Over TLS the connection closes all the same (`connection_lost`).
         """
         self._client_left = True
+        if self._delivery_committed():
+            self._eof_deferred = True
+            return self._tls_protocol is None  # plain TCP: stay half open for the reply
         super().eof_received()
         return False
+
+    def _delivery_committed(self) -> bool:
+        """The message in flight went upstream whole: cancelling its delivery would not take it back."""
+        envelope = self.envelope
+        return isinstance(envelope, RelayEnvelope) and envelope.body is not None and envelope.body.end_sent
+
+    def _end_after_eof(self) -> None:
+        """The client's end of stream, put off while its message was upstream: the session ends now.
+
+        The command loop (this task) is cancelled, as aiosmtpd does at the end of stream, and closes the
+        connection at its next wait; commands the client pipelined before it closed its side (a QUIT) are
+        answered first, as they are already here.
+        """
+        self._eof_deferred = False
+        self._handler_coroutine.cancel()  # type: ignore[union-attr]
 
     async def push(self, status: AnyStr) -> None:
         """Add RFC 3463 codes to aiosmtpd's own replies, and close after a 421 or, once draining, any reply.
@@ -499,33 +544,40 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
-        self._received_at = self.loop.time()
-        self._data_since = (self._received_at, self._received)
         try:
+            self._received_at = self.loop.time()
+            self._data_since = (self._received_at, self._received)
             try:
-                await receive(self._reader, body)
-            except asyncio.CancelledError:
-                # The connection was lost or timed out during DATA: aiosmtpd cancels this coroutine.
-                logs.event(logging.INFO, "data.aborted", **self._ids(), reason="connection lost")
-                self._writer.close()
-                raise
-            except asyncio.IncompleteReadError:
-                logs.event(logging.INFO, "data.aborted", **self._ids(), reason="end of stream")
-                self._writer.close()
-                return
+                try:
+                    await receive(self._reader, body)
+                except asyncio.CancelledError:
+                    # The connection was lost or timed out during DATA: aiosmtpd cancels this coroutine.
+                    logs.event(logging.INFO, "data.aborted", **self._ids(), reason="connection lost")
+                    self._writer.close()
+                    raise
+                except asyncio.IncompleteReadError:
+                    logs.event(logging.INFO, "data.aborted", **self._ids(), reason="end of stream")
+                    self._writer.close()
+                    return
+                finally:
+                    self._data_since = None
+                if body.refusal is not None:
+                    self._set_post_data_state()  # type: ignore[no-untyped-call]
+                    await self.push(self._refusal_reply(body))
+                    return
+                envelope.body = body
+                status = await self._call_handler_hook("DATA")
             finally:
-                self._data_since = None
-            if body.refusal is not None:
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
-                await self.push(self._refusal_reply(body))
-                return
-            envelope.body = body
-            status = await self._call_handler_hook("DATA")
+                envelope.body = None
+                body.close()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
         finally:
-            envelope.body = None
-            body.close()
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+            if self._lost_in_delivery:  # the delivery is over: so is the connection (`connection_lost`)
+                self._lost_in_delivery = False
+                self._unregister(self.session)
+        if self._eof_deferred:
+            self._end_after_eof()
 
     def _refuse_message(self, envelope: RelayEnvelope) -> replies.Logged:
         """Log why a message is refused at DATA; its reply."""
@@ -711,6 +763,17 @@ class RelaySMTP(SMTP):
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
+
+class _NeverCancelled:
+    """Stands in for aiosmtpd's command loop task while `connection_lost` would cancel it."""
+
+    @staticmethod
+    def cancel(msg: object = None) -> bool:
+        return False
+
+
+_NOT_CANCELLED: Any = _NeverCancelled()
 
 
 class RefuseProtocol(asyncio.Protocol):

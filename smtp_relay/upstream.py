@@ -522,6 +522,7 @@ async def _send_body(client: aiosmtplib.SMTP, header: bytes, body: MessageBody, 
         if _replied(protocol):
             await _stop_answered(client, protocol, seconds)
         batch.append(b".\r\n")
+        body.end_sent = True
         protocol.write(b"".join(batch))
         response = await _next_reply(protocol, seconds)
     except (SMTPServerDisconnected, SMTPTimeoutError, OSError):

@@ -8,8 +8,10 @@ import email.utils
 import re
 import smtplib
 import socket
+import struct
 import threading
 import time
+import uuid
 
 import pytest
 from support.client import RawClient, authed, curl_send, quit_quietly, send_data, swaks_send, transaction
@@ -327,26 +329,58 @@ def test_upstream_speaking_garbage_gives_client_4xx_never_5xx_or_250(stack, gree
     assert "Traceback" not in relay.all_output()
 
 
-def test_a_delivery_cut_short_by_the_client_closing_is_logged(relay, upstream):
-    # A client that sends its message and closes (here: shuts down its side) before the upstream's reply gets no
-    # 250; the relay says in its log what became of the attempt, instead of leaving no trace. The delivery is
-    # cancelled on purpose: a client that closed will send the message again, so finishing it could deliver it
-    # twice (test_hardening_review: the upstream socket is freed at once). A client that only shuts down its
-    # side to read on gets no reply either: TCP cannot tell the two apart.
-    upstream.configure(data_delay=1.0)
+def _sent_whole_then(relay, marker: str, leave) -> RawClient:
+    """A client sends a message, waits until it went upstream whole (the slow upstream holds its reply), then
+    leaves as `leave` says."""
     c = RawClient(relay.port)
+    assert c.cmd("EHLO closer.test")[0] == 250
+    assert c.auth_plain()[0] == 235
+    assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+    assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(f"X-Case: {marker}\r\n\r\nbody\r\n.\r\n".encode())
+    time.sleep(0.3)  # the relay is waiting on the slow upstream's reply to the end of data now
+    leave(c.sock)
+    return c
+
+
+def test_a_client_that_shuts_down_its_side_after_its_final_dot_gets_its_250_and_one_copy(relay, upstream):
+    # TCP cannot tell a client that shuts down its side to read on from one that closed. Once the end of data
+    # went upstream, the upstream may have the message: cancelling would only keep the 250 from a client that
+    # is waiting for it, and which would send the message again (a copy per attempt). The delivery finishes.
+    upstream.configure(data_delay=1.0)
+    marker = uuid.uuid4().hex
+
+    def quit_and_shut_down(sock: socket.socket) -> None:
+        sock.sendall(b"QUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+
+    c = _sent_whole_then(relay, marker, quit_and_shut_down)
     try:
-        assert c.cmd("EHLO closer.test")[0] == 250
-        assert c.auth_plain()[0] == 235
-        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
-        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(MSG + b".\r\n")
-        time.sleep(0.3)  # the relay is waiting on the slow upstream now
-        c.sock.shutdown(socket.SHUT_WR)
+        code, text = c.reply()
+        assert code == 250, (code, text)
+        assert c.reply()[0] == 221
         assert c.closed_by_peer(5)
-        assert b"250" not in c.buf
     finally:
         c.close()
-    line = relay.wait_for_log("event=forward.cancelled", "sender=sender@example.com")
-    assert line is not None and "level=WARNING" in line, relay.describe()
+    assert len([m for m in upstream.wait_for_messages(1) if marker.encode() in m.data]) == 1
+    assert relay.wait_for_log("event=forward.delivered", "sender=sender@example.com") is not None, relay.describe()
+    assert "event=forward.cancelled" not in relay.all_output()
+
+
+def test_a_client_gone_after_its_final_dot_went_upstream_has_its_delivery_finished_and_logged(relay, upstream):
+    # A reset (the connection is gone at once): the delivery still finishes, so the log says what became of the
+    # message (delivered, the reply lost) instead of "may or may not have it".
+    upstream.configure(data_delay=1.0)
+    marker = uuid.uuid4().hex
+
+    def reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    _sent_whole_then(relay, marker, reset).close()
+    assert len([m for m in upstream.wait_for_messages(1) if marker.encode() in m.data]) == 1
+    assert relay.wait_for_log("event=forward.delivered", "sender=sender@example.com") is not None, relay.describe()
+    assert relay.wait_for_log("event=reply.lost", 'reply="250') is not None, relay.describe()
+    assert "event=forward.cancelled" not in relay.all_output()
+    assert "Traceback" not in relay.all_output()

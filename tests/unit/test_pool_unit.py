@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -17,6 +18,7 @@ class FakeClient:
         self.rsets = 0
         self.quits = 0
         self.probe_fails = False
+        self.protocol = types.SimpleNamespace(_buffer=bytearray())  # aiosmtplib's: bytes read, not yet a reply
 
     async def rset(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109
         self.rsets += 1
@@ -52,6 +54,20 @@ def test_released_session_is_probed_with_rset_and_reused():
         again = await pool.acquire()
         assert again.client is conn.client and again.reused
         assert made[0].rsets == 1 and pool.opened == 1
+
+    asyncio.run(main())
+
+
+def test_session_with_bytes_after_its_last_reply_is_out_of_step_and_closed():
+    async def main() -> None:
+        closed: list[str] = []
+        pool, made = make_pool()
+        pool._on_close = lambda conn, reason: closed.append(reason)
+        conn = await pool.acquire()
+        made[0].protocol._buffer.extend(b"554 5.7.1 stray\r\n")
+        pool.release(conn, reusable=True)
+        assert pool.idle == 0 and closed == ["out of step"]
+        assert (await pool.acquire()).client is made[1]
 
     asyncio.run(main())
 
