@@ -18,6 +18,7 @@ from aiosmtplib import (
     SMTPConnectError,
     SMTPDataError,
     SMTPException,
+    SMTPHeloError,
     SMTPReadTimeoutError,
     SMTPRecipientRefused,
     SMTPResponse,
@@ -182,7 +183,14 @@ class Upstream:
                 # Before the login too: aiosmtplib's login() would answer a refused EHLO with HELO, which lists
                 # no AUTH, and so hide the upstream's refusal behind "AUTH not supported". SIZE and 8BITMIME
                 # are then known before the first MAIL.
-                await client.ehlo()
+                try:
+                    await client.ehlo()
+                except SMTPHeloError as exc:
+                    # An upstream that does not know EHLO (RFC 5321 3.2: the client falls back to HELO), where no
+                    # extension is needed: no STARTTLS (its EHLO was above) and no login.
+                    if s.username or exc.code not in _EHLO_UNKNOWN:
+                        raise
+                    await client.helo()
             if s.username:
                 stage = Stage.AUTH
                 await client.login(s.username, s.password)
@@ -557,6 +565,7 @@ _SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 # aiosmtplib's words for a connection lost during the TLS handshake, after the upstream's 220 to STARTTLS.
 _TLS_UPGRADE = "while upgrading transport"
 _AUTH_NEEDED = frozenset({530, 538})
+_EHLO_UNKNOWN = frozenset({500, 502})  # command not recognised / not implemented
 
 
 def _classify(stage: Stage, exc: BaseException) -> Outcome:

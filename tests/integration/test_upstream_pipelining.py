@@ -465,3 +465,20 @@ def test_a_stray_reply_after_the_final_one_does_not_answer_the_next_message(stac
             assert (stage, code) == ("DATA", 250), (i, stage, code, text)
         assert [m[1] for m in upstream.messages] == [[f"r{i}@example.com"] for i in range(3)]
         assert upstream.sessions == 3
+
+
+def test_an_upstream_that_does_not_know_ehlo_gets_helo_when_no_extension_is_needed(stack):
+    # RFC 5321 3.2: a client whose EHLO is refused as unknown falls back to HELO. Without STARTTLS and without
+    # a login the relay needs no extension, so an old plain-SMTP upstream is served (one command at a time).
+    with ScriptedUpstream(Script(ehlo=b"502 5.5.2 Command not recognized")) as upstream:
+        relay = stack.relay(upstream.port)
+        assert transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)[1] == 250
+        assert [m[1] for m in upstream.messages] == [["rcpt@example.com"]]
+        assert any(line.startswith("HELO ") for read in upstream.reads for line in read)
+        assert _envelope_reads(upstream) == [["MAIL"], ["RCPT"], ["DATA"]]
+    # With a login to do, the extensions are needed: the refusal is passed on, as above.
+    with ScriptedUpstream(Script(ehlo=b"502 5.5.2 Command not recognized")) as upstream:
+        relay = stack.relay(upstream.port, RELAY_USERNAME="relay-user", RELAY_PASSWORD="relay-pass")
+        _, code, text = transaction(relay.port, "sender@example.com", ["rcpt@example.com"], MSG)
+        assert (code, text) == (502, "5.5.2 Command not recognized"), (code, text)
+        assert not upstream.messages
