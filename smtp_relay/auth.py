@@ -26,12 +26,15 @@ class Authenticator:
         address = peer_address(session)
         login: bytes = auth_data.login
         password: bytes = auth_data.password
+        # AUTH PLAIN's authorization identity (RFC 4616): the user may act only as itself.
+        authzid: bytes = getattr(auth_data, "authzid", b"")
+        foreign = bool(authzid) and authzid != login
 
         def credentials_ok() -> bool:
             # Compare both, always: which of the two was wrong must not show in the timing.
             user_ok = hmac.compare_digest(login, self._username)
             password_ok = hmac.compare_digest(password, self._password)
-            return user_ok and password_ok
+            return user_ok and password_ok and not foreign
 
         # One step: logins sent at once on many connections (and workers) must not get around the lockout,
         # and a right password must not lift it early.
@@ -47,7 +50,12 @@ class Authenticator:
         if outcome is Outcome.SUCCESS:
             logs.event(logging.INFO, "auth", outcome="success", mechanism=mechanism, **fields)
             return AuthResult(success=True, auth_data=user)
-        logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields)
+        refusal = (
+            {"authzid": authzid.decode("utf-8", errors="replace"), "reason": "may not act as another identity"}
+            if foreign
+            else {}
+        )
+        logs.event(logging.WARNING, "auth", outcome="failure", mechanism=mechanism, **fields, **refusal)
         if outcome is Outcome.LOCKOUT:
             logs.event(
                 logging.WARNING,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import logging
 import re
@@ -13,7 +14,16 @@ from collections.abc import Coroutine
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from smtp_relay import logs, replies
 from smtp_relay.body import MessageBody, Refusal, receive
@@ -52,6 +62,18 @@ _BAD_PARAMETERS = "\x00"
 _ASCII_PARAMETERS = re.compile(r"[\t\x20-\x7e]*")
 _SOURCE_ROUTE = re.compile(r"<(?:\s|\([^()]*\))*@")
 _TRAILING_DOT = re.compile(r"(?<=[A-Za-z0-9-])\.(?=>|\s|$)")
+
+
+class PlainLogin(LoginPassword):
+    """AUTH PLAIN's login and password, with the authorization identity the client asked for."""
+
+    authzid: bytes
+
+    @classmethod
+    def of(cls, authzid: bytes, login: bytes, password: bytes) -> PlainLogin:
+        credentials = cls(login, password)
+        credentials.authzid = authzid
+        return credentials
 
 
 class RelaySession(Session):
@@ -422,6 +444,27 @@ class RelaySMTP(SMTP):
             if mechanism.isascii():  # a dotless i (U+0131) upper-cases to I: `PLA\u0131N` is no PLAIN
                 arg = mechanism.upper() + space + rest
         await super().smtp_AUTH(arg)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        """aiosmtpd's AUTH PLAIN, keeping the authorization identity the library drops (RFC 4616 2): the login
+        fails unless it is empty or the user itself, the one identity there is (`Authenticator`)."""
+        response: Any
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                response = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            authzid, login, password = response.split(b"\x00")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return self._authenticate("PLAIN", PlainLogin.of(authzid, login, password))
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if hostname:  # a bare EHLO is refused (501) and changes nothing

@@ -121,6 +121,26 @@ def test_auth_mechanism_names_are_taken_in_any_case(relay, mech):
         assert code == 235, (code, text)
 
 
+def _plain(authzid: str, user: str, password: str) -> str:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+def test_auth_plain_authorization_identity_must_be_empty_or_the_user_itself(relay):
+    # RFC 4616 2: a server fails a login whose authorization identity the user may not act as; the relay has
+    # one identity, the user's own. (aiosmtpd drops the field, and took `admin\0user\0password`.)
+    with RawClient(relay.port) as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        code, text = c.cmd("AUTH PLAIN " + _plain("postmaster", CLIENT_USER, CLIENT_PASSWORD))
+        assert (code, text[:5]) == (535, "5.7.8"), (code, text)
+        assert c.cmd("AUTH PLAIN")[0] == 334  # the same with the credentials sent after the challenge
+        assert c.cmd(_plain("postmaster", CLIENT_USER, CLIENT_PASSWORD))[0] == 535
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 530
+        assert c.cmd("AUTH PLAIN " + _plain(CLIENT_USER, CLIENT_USER, CLIENT_PASSWORD))[0] == 235
+    line = relay.wait_for_log("event=auth ", "outcome=failure", "authzid=postmaster")
+    assert line is not None and "may not act as another identity" in line, relay.describe()
+    assert CLIENT_PASSWORD not in relay.all_output()
+
+
 # -- sender and recipient policy ---------------------------------------------------------------------
 
 
