@@ -428,6 +428,14 @@ def test_slowloris_dribbling_forever_is_disconnected_within_timeout(healthy, pha
     assert not _stored(sink, marker)
 
 
+def _in_data(relay) -> RawClient:
+    """A logged-in client whose DATA was just answered 354."""
+    c = _authed(relay)
+    _envelope(c)
+    assert c.cmd("DATA")[0] == 354
+    return c
+
+
 def _dribble_body(c: RawClient, marker: str, piece: int, every: float, seconds: float) -> float | None:
     """After DATA: send body lines of `piece` bytes every `every` seconds for `seconds`; when the relay closed
     the connection (seconds from the start), or None if it did not."""
@@ -449,10 +457,8 @@ def test_slow_but_steady_body_outlasting_timeout_is_delivered(healthy):
     keeps coming is not cut off for taking longer than TIMEOUT as a whole."""
     relay, sink = healthy
     marker = uuid.uuid4().hex
-    c = _authed(relay)
+    c = _in_data(relay)
     try:
-        _envelope(c)
-        assert c.cmd("DATA")[0] == 354
         assert _dribble_body(c, marker, piece=400, every=0.25, seconds=TIMEOUT * 3) is None
         c.send(b".\r\n")
         assert c.reply()[0] == 250
@@ -466,10 +472,8 @@ def test_body_below_the_minimum_rate_is_cut_off(healthy):
     the time its bytes earned are spent (2 s + 200 t / 500 s: about 3.3 s), and the reason is logged."""
     relay, sink = healthy
     marker = uuid.uuid4().hex
-    c = _authed(relay)
+    c = _in_data(relay)
     try:
-        _envelope(c)
-        assert c.cmd("DATA")[0] == 354
         closed_after = _dribble_body(c, marker, piece=50, every=0.25, seconds=TIMEOUT * 4)
         assert closed_after is not None, "a body coming at 200 bytes/s was never cut off"
         assert TIMEOUT < closed_after < TIMEOUT * 2 + 1, closed_after
@@ -485,10 +489,8 @@ def test_body_that_stops_coming_is_cut_off_after_timeout(healthy):
     idle timeout's 421, also after it earned more time by sending fast."""
     relay, sink = healthy
     marker = uuid.uuid4().hex
-    c = _authed(relay)
+    c = _in_data(relay)
     try:
-        _envelope(c)
-        assert c.cmd("DATA")[0] == 354
         c.send(f"X-Case: {marker}\r\n\r\n".encode() + (b"z" * 998 + b"\r\n") * 30)  # earns 60 s
         time.sleep(TIMEOUT / 2)
         c.send(b"last line\r\n")
