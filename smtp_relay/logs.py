@@ -347,8 +347,11 @@ def _try_create(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         target = Path(os.path.realpath(path))
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-        target.unlink()
+        if target.exists():  # reached through the directories just made (`new/../relay.log`)
+            target.open("a").close()
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+            target.unlink()
     finally:
         for directory in missing:  # the deepest first
             with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ PROBE_TIMEOUT = 5.0
 # comes before the end of data and the message is retried once on a fresh session anyway.
 PROBE_AFTER_IDLE = 1.0
 QUIT_TIMEOUT = 2.0
+_OUT_OF_STEP = "out of step"
 
 
 @dataclass(eq=False, slots=True)
@@ -102,7 +103,8 @@ class ConnectionPool:
         conn.last_used = time.monotonic()
         reason = self._not_kept(conn, reusable)
         if reason is not None:
-            self._discard(conn, reason, polite=reusable)
+            # No QUIT to a session out of step: its reply would be read from what the upstream already sent.
+            self._discard(conn, reason, polite=reusable and reason != _OUT_OF_STEP)
             return
         self._idle.append(conn)
         if self._sweep is None:
@@ -117,7 +119,7 @@ class ConnectionPool:
         if not conn.client.is_connected:
             return "lost"
         if _unread(conn.client):
-            return "out of step"
+            return _OUT_OF_STEP
         if conn.messages >= self.max_messages:
             return "max messages"
         if len(self._idle) >= self.size:

@@ -121,9 +121,10 @@ class RelayEnvelope(Envelope):
 LOGGED_ADDRESSES = 5
 LOGGED_ADDRESSES_LENGTH = 400
 
-# A DATA transfer is cut off when the client sends nothing for TIMEOUT, or when it falls below this average rate
-# after its first TIMEOUT (Postfix's `smtpd_min_data_rate`): a large message on a slow link gets through, while
-# a client that dribbles its body a few bytes at a time cannot hold a connection for long.
+# A DATA transfer has TIMEOUT to begin with; each read adds its bytes / MIN_DATA_RATE to the time left, which never
+# exceeds TIMEOUT (Postfix's `smtpd_min_data_rate`, as with `smtpd_per_request_deadline`). So a client that sends
+# nothing for TIMEOUT, or that sends slower than this rate, is cut off; one that keeps up may take as long as its
+# message needs (a large message on a slow link), and a burst earns no more than TIMEOUT.
 MIN_DATA_RATE = 500  # bytes per second
 
 
@@ -174,10 +175,8 @@ class RelaySMTP(SMTP):
         self._registered = False
         self._idle_deadline = 0.0
         self._tls_established = False
-        # While a body is read: when the transfer began and the bytes received before it; the bytes received
-        # since, and when the last of them came (see `_data_deadline`).
-        self._data_since: tuple[float, int] | None = None
-        self._received = 0
+        # While a body is read: when the transfer is cut off unless more comes, and when the last bytes came.
+        self._data_deadline: float | None = None
         self._received_at = 0.0
         self._errors = 0  # refusals not decided by the relay's policy (see `refused`)
         self._client_left = False  # the client closed its side (its replies can no longer be sent)
@@ -333,11 +332,12 @@ class RelaySMTP(SMTP):
             self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
-        """Count what arrives during a DATA transfer: the idle timeout needs the client's progress, and the body
-        reader sees it only in large pieces."""
-        if self._data_since is not None:
-            self._received += len(data)
-            self._received_at = self.loop.time()
+        """During a DATA transfer, each read moves its deadline (see MIN_DATA_RATE): the body reader sees the
+        client's progress only in large pieces."""
+        deadline = self._data_deadline
+        if deadline is not None:
+            now = self._received_at = self.loop.time()
+            self._data_deadline = min(deadline + len(data) / MIN_DATA_RATE, now + self._timeout_duration)
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -589,7 +589,7 @@ class RelaySMTP(SMTP):
         body = MessageBody(size_limit=self.data_size_limit or None, line_limit=self.line_length_limit)
         try:
             self._received_at = self.loop.time()
-            self._data_since = (self._received_at, self._received)
+            self._data_deadline = self._received_at + self._timeout_duration
             try:
                 try:
                     await receive(self._reader, body)
@@ -603,7 +603,7 @@ class RelaySMTP(SMTP):
                     self._writer.close()
                     return
                 finally:
-                    self._data_since = None
+                    self._data_deadline = None
                 if body.refusal is not None:
                     self._set_post_data_state()  # type: ignore[no-untyped-call]
                     await self.push(self._refusal_reply(body))
@@ -736,19 +736,11 @@ class RelaySMTP(SMTP):
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
 
-    def _data_deadline(self) -> float:
-        """When a DATA transfer in progress is cut off: TIMEOUT after the last bytes came, and at the latest when
-        its average rate falls below MIN_DATA_RATE, after a first TIMEOUT."""
-        assert self._data_since is not None
-        started, before = self._data_since
-        allowed = started + self._timeout_duration + (self._received - before) / MIN_DATA_RATE
-        return min(self._received_at + self._timeout_duration, allowed)
-
     def _timeout_cb(self) -> None:
         """Say why before hanging up on an idle client (aiosmtpd just closes), and log it.
 
         aiosmtpd moves the deadline per command; during a DATA transfer the client's progress moves it too
-        (`_data_deadline`). A connection closed earlier that is still open a TIMEOUT later belongs to a client
+        (`data_received`). A connection closed earlier that is still open a TIMEOUT later belongs to a client
         that reads nothing: a close waits until the unread replies are sent, which would hold the connection (and
         its MAX_CONNECTIONS slot) forever. It is aborted.
         """
@@ -764,8 +756,8 @@ class RelaySMTP(SMTP):
             _writable(transport).abort()
             return
         reason, reply = None, replies.IDLE_TIMEOUT
-        if self._data_since is not None:
-            deadline = self._data_deadline()
+        deadline = self._data_deadline
+        if deadline is not None:
             if deadline > now:  # the body is still coming
                 self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
                 return

@@ -136,6 +136,10 @@ def test_check_config_leaves_no_trace_of_its_log_file_check(tmp_path):
     deep = tmp_path / "new" / "logs" / "relay.log"
     assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": str(deep)}, timeout=10).returncode == 0
     assert not (tmp_path / "new").exists()
+    # ... also when the file is reached through them, and exists.
+    through = f"{tmp_path}/new/../relay.log"
+    assert run_cli(["--check-config"], {**_base(tmp_path), "LOG_FILE": through}, timeout=10).returncode == 0
+    assert log.read_text() == "kept\n" and not (tmp_path / "new").exists()
 
 
 def test_check_config_follows_log_file_links_and_never_waits_on_a_fifo(tmp_path):
