@@ -258,3 +258,32 @@ def test_starttls_inside_tls_is_refused_and_the_session_goes_on(stack, upstream,
     with RawClient(relay.port) as c:  # the only slot is free again
         assert c.greeting[0] == 220
     assert "Traceback" not in relay.stdout + relay.stderr
+
+
+def test_a_client_gone_over_tls_after_its_message_went_upstream_has_it_delivered_once(relay, upstream, tls):
+    # Over TLS the relay's connection closes when the client's does (no half-open TLS): a delivery whose end of
+    # data already went upstream still finishes, once, and its reply is logged as lost; the session ends with
+    # one disconnect line.
+    upstream.configure(data_delay=1.0)
+    c = RawClient(relay.port)
+    try:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.starttls(tls.client_ctx(), server_hostname="localhost")[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<tls-leaver@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        time.sleep(0.3)  # the relay waits on the slow upstream's reply to the end of data
+    finally:
+        c.close()
+    assert [m.mail_from for m in upstream.wait_for_messages(1)] == ["tls-leaver@example.com"]
+    assert relay.wait_for_log("event=forward.delivered", "sender=tls-leaver@example.com"), relay.describe()
+    assert relay.wait_for_log("event=reply.lost", 'reply="250'), relay.describe()
+    session = relay.wait_for_log("event=forward.delivered").split("session=")[1].split()[0]
+    assert relay.wait_for_log("event=disconnect", f"session={session}"), relay.describe()
+    time.sleep(0.3)
+    assert relay.stdout.count(f"event=disconnect session={session}") == 1
+    assert "event=forward.cancelled" not in relay.all_output()
+    assert "Traceback" not in relay.all_output()
