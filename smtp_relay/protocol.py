@@ -781,9 +781,13 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     def abort(self) -> None:
+        """Cut the connection (a shutdown past TIMEOUT); a delivery still finishing for a client already gone
+        (`connection_lost`) is cancelled with it."""
         self.aborted = True
         if self.transport is not None:
             _writable(self.transport).abort()
+        elif self._lost_in_delivery and self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _close_with(self, reply: str) -> None:
         if self.transport is None or self.transport.is_closing():
