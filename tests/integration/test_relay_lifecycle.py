@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -219,3 +220,65 @@ def test_a_delivery_cut_short_by_the_shutdown_timeout_is_logged_as_the_relays_do
             assert relay.wait(10) == 0, relay.describe()
         line = relay.wait_for_log("event=forward.cancelled")
         assert line is not None and "the relay stopped" in line and "client closed" not in line, relay.describe()
+
+
+class RefuseThenHangUpstream(ThreadedServer):
+    """Takes the envelope at once, refuses the end of data after `refuse_after` seconds, then leaves the relay's
+    RSET unanswered: a delivery that outlasts a shutdown's TIMEOUT after its end of data went upstream."""
+
+    def __init__(self, refuse_after: float) -> None:
+        super().__init__()
+        self.refuse_after = refuse_after
+        self.dot_seen = threading.Event()
+
+    def session(self, conn) -> None:
+        conn.settimeout(10)
+        buffer, in_data = b"", False
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"220 hang.test ESMTP\r\n")
+            while True:  # until the relay hangs up (bounded by the socket timeout)
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                if in_data:
+                    if b"\r\n.\r\n" not in buffer:
+                        continue
+                    buffer, in_data = buffer.split(b"\r\n.\r\n", 1)[1], False
+                    self.dot_seen.set()
+                    time.sleep(self.refuse_after)
+                    conn.sendall(b"554 5.7.1 refused\r\n")
+                while b"\r\n" in buffer and not in_data:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    verb = line[:4].upper()
+                    if verb == b"RSET":
+                        time.sleep(8)  # no answer
+                        return
+                    in_data = verb == b"DATA"
+                    conn.sendall(b"354 go\r\n" if in_data else b"250 ok\r\n")
+
+
+def test_a_shutdown_past_timeout_cancels_a_delivery_finishing_for_a_client_already_gone(stack):
+    # The client left (a reset) after its end of data went upstream: its delivery finishes on its own (see
+    # test_relay_forwarding), but a shutdown past TIMEOUT cuts it as it cuts every connection, and says so
+    # before it completes.
+    with RefuseThenHangUpstream(refuse_after=1.5) as upstream:
+        relay = stack.relay(upstream.port, TIMEOUT="2")
+        c = RawClient(relay.port)
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.auth_plain()[0] == 235
+        assert c.cmd("MAIL FROM:<sender@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<rcpt@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(MSG + b".\r\n")
+        assert upstream.dot_seen.wait(5)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        time.sleep(0.2)
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(10) == 0, relay.describe()
+    events = [line.split("event=")[1].split()[0] for line in relay.stdout.splitlines() if "event=" in line]
+    assert "shutdown.timeout" in events, relay.describe()
+    assert events.index("forward.cancelled") < events.index("shutdown.complete"), relay.describe()
+    assert relay.wait_for_log("event=forward.cancelled", "the relay stopped") is not None, relay.describe()
+    assert "Traceback" not in relay.all_output()
