@@ -400,6 +400,20 @@ def test_client_sending_byte_by_byte_is_served(healthy):
     assert len(_stored(sink, marker)) == 1
 
 
+def _dribble(c: RawClient, piece: bytes, every: float, seconds: float) -> float | None:
+    """Send `piece` every `every` seconds for up to `seconds`; when the relay closed the connection (seconds from
+    the start), or None if it did not."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            c.send(piece)
+        except OSError:
+            return time.monotonic() - started
+        if c.closed_by_peer(every):
+            return time.monotonic() - started
+    return None
+
+
 @pytest.mark.parametrize("phase", ["command", "data"])
 def test_slowloris_dribbling_forever_is_disconnected_within_timeout(healthy, phase):
     relay, sink = healthy
@@ -410,18 +424,7 @@ def test_slowloris_dribbling_forever_is_disconnected_within_timeout(healthy, pha
             _envelope(c)
             assert c.cmd("DATA")[0] == 354
             c.send(f"X-Case: {marker}\r\n".encode())
-        started = time.monotonic()
-        closed_after = None
-        while time.monotonic() - started < TIMEOUT * 4:
-            # Meanwhile another client is served.
-            try:
-                c.send(b"x")
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
-            if c.closed_by_peer(0.25):
-                closed_after = time.monotonic() - started
-                break
+        closed_after = _dribble(c, b"x", every=0.25, seconds=TIMEOUT * 4)
         assert closed_after is not None, "a client dribbling one byte at a time was never disconnected"
         assert closed_after < TIMEOUT + 1.5, closed_after
     finally:
@@ -438,19 +441,9 @@ def _in_data(relay) -> RawClient:
 
 
 def _dribble_body(c: RawClient, marker: str, piece: int, every: float, seconds: float) -> float | None:
-    """After DATA: send body lines of `piece` bytes every `every` seconds for `seconds`; when the relay closed
-    the connection (seconds from the start), or None if it did not."""
+    """After DATA: send body lines of `piece` bytes every `every` seconds for `seconds` (see `_dribble`)."""
     c.send(f"X-Case: {marker}\r\n\r\n".encode())
-    line = b"y" * (piece - 2) + b"\r\n"
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            c.send(line)
-        except OSError:
-            return time.monotonic() - started
-        if c.closed_by_peer(every):
-            return time.monotonic() - started
-    return None
+    return _dribble(c, b"y" * (piece - 2) + b"\r\n", every, seconds)
 
 
 def test_slow_but_steady_body_outlasting_timeout_is_delivered(healthy):
@@ -511,17 +504,7 @@ def test_a_burst_earns_no_more_than_timeout_for_a_body_dribbled_after_it(healthy
     c = _in_data(relay)
     try:
         c.send(f"X-Case: {marker}\r\n\r\n".encode() + (b"b" * 998 + b"\r\n") * 60)
-        burst = time.monotonic()
-        closed = None
-        while time.monotonic() - burst < TIMEOUT * 4:
-            try:
-                c.send(b"x")
-            except OSError:
-                closed = time.monotonic() - burst
-                break
-            if c.closed_by_peer(0.3):
-                closed = time.monotonic() - burst
-                break
+        closed = _dribble(c, b"x", every=0.3, seconds=TIMEOUT * 4)
         assert closed is not None, "a body dribbled after a burst was never cut off"
         assert closed < TIMEOUT + 1.5, closed
         assert b"421 4.4.2 Message data too slow" in c.buf

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from support.client import RawClient, transaction
@@ -180,6 +181,14 @@ def test_sigterm_with_a_hung_upstream_exits_0_within_the_timeout_and_never_answe
     assert upstream.messages == []
 
 
+def _received(conn, greeting: bytes) -> Iterator[bytes]:
+    """Greet the relay, then what it sends, read by read, until it hangs up (bounded by the socket timeout)."""
+    conn.settimeout(10)
+    conn.sendall(greeting)
+    while chunk := conn.recv(65536):
+        yield chunk
+
+
 class SlowUpstream(ThreadedServer):
     """Answers every command after `delay` seconds: each step within TIMEOUT, a whole delivery well past it."""
 
@@ -189,14 +198,9 @@ class SlowUpstream(ThreadedServer):
         self.mail_commands = 0
 
     def session(self, conn) -> None:
-        conn.settimeout(10)
         buffer = b""
         with conn, contextlib.suppress(OSError):
-            conn.sendall(b"220 slow.test ESMTP\r\n")
-            while True:  # until the relay hangs up (bounded by the socket timeout)
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
+            for chunk in _received(conn, b"220 slow.test ESMTP\r\n"):
                 buffer += chunk
                 while b"\r\n" in buffer:
                     line, buffer = buffer.split(b"\r\n", 1)
@@ -232,14 +236,9 @@ class RefuseThenHangUpstream(ThreadedServer):
         self.dot_seen = threading.Event()
 
     def session(self, conn) -> None:
-        conn.settimeout(10)
         buffer, in_data = b"", False
         with conn, contextlib.suppress(OSError):
-            conn.sendall(b"220 hang.test ESMTP\r\n")
-            while True:  # until the relay hangs up (bounded by the socket timeout)
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
+            for chunk in _received(conn, b"220 hang.test ESMTP\r\n"):
                 buffer += chunk
                 if in_data:
                     if b"\r\n.\r\n" not in buffer:
